@@ -141,9 +141,10 @@ def import_routerbench(
 @app.command()
 def synth(
     out: Path = typer.Option(..., help="Output routing data (JSONL)."),
-    n: int = typer.Option(240, help="Number of prompts."),
+    n: int = typer.Option(240, min=1, help="Number of prompts."),
     seed: int = typer.Option(0, help="Random seed."),
-    test_fraction: float = typer.Option(0.0, help="Also write a held-out split of this share next to OUT."),
+    test_fraction: float = typer.Option(0.0, min=0.0, max=0.9,
+                                        help="Also write a held-out split of this share next to OUT."),
 ):
     """Write a small synthetic routing dataset (simulated scores) to try the pipeline on."""
     from .data import RoutingDataset, write_jsonl
@@ -159,6 +160,85 @@ def synth(
     else:
         write_jsonl(out, records)
         typer.echo(f"wrote {len(records)} records to {out}")
+
+
+@app.command()
+def prepare(
+    experts: Path = typer.Option(..., help="Experts manifest (YAML): how to build each expert, its price and tier."),
+    prompts: str = typer.Option(..., help="Prompts JSONL {id, prompt, reference, task}, or a named source: "
+                                          "demo, arc-challenge, gsm8k, mbpp, pubmedqa."),
+    out: Path = typer.Option(..., help="Routing data to write (JSONL)."),
+    score: str = typer.Option("bertscore", help="Metric: bertscore, exact, choice, numeric, code, or none."),
+    cache: Optional[Path] = typer.Option(None, help="SQLite call cache (default: OUT.cache.sqlite)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    retry_failed: bool = typer.Option(False, help="Call again the (prompt, expert) pairs that failed before."),
+    scorer_model: Optional[str] = typer.Option(None, help="BERTScore model id or path (default: offline MiniLM)."),
+    layer: Optional[int] = typer.Option(None, help="BERTScore layer (needed for models bert-score does not know)."),
+    device: Optional[str] = typer.Option(None, help="torch device for scoring (default: cuda if available)."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+    durable: bool = typer.Option(False, help="fsync every cached call (survives power loss, slower)."),
+):
+    """Query every expert on every prompt, score the answers and write routing data (resumable)."""
+    from .data import DataError
+    from .prepare import CacheError, ManifestError, PrepareError, ScoreError, ScorerConfig
+    from .prepare import prepare as run_prepare
+
+    config = None
+    try:
+        if score != "none":
+            config = ScorerConfig(metric=score, model=scorer_model, num_layers=layer, device=device)
+        summary = run_prepare(experts, prompts, out, score=config, cache=cache, limit=limit,
+                              retry_failed=retry_failed, progress=progress, durable=durable)
+    except (DataError, ManifestError, PrepareError, ScoreError, CacheError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished calls are saved in the cache; run the same command to resume",
+                    err=True)
+        raise typer.Exit(code=130) from None
+    run = summary.run
+    typer.echo(f"{summary.records} records to {out}: {run.calls} calls made "
+               f"({run.calls_per_s:.1f}/s), {summary.cached_calls} from the cache {summary.cache}")
+    failed = 0
+    for name, s in summary.experts.items():
+        mean = f"{s.mean_score:.3f}" if s.mean_score is not None else "-"
+        typer.echo(f"  {name}: {s.answered} answered, {s.failed} failed, mean score {mean}, "
+                   f"total cost ${s.total_cost:.6f}")
+        failed += s.failed
+    for problem in summary.problems[:5]:
+        typer.secho(f"  not scored: {problem}", err=True)
+    if failed:
+        typer.echo(f"{failed} calls failed (recorded as errors, score null); --retry-failed calls them again")
+
+
+@app.command()
+def score(
+    data: Path = typer.Argument(..., help="Routing data whose recorded answers to (re)score."),
+    metric: str = typer.Option("bertscore", help="bertscore, exact, choice, numeric or code."),
+    out: Path = typer.Option(..., help="Where to write the rescored routing data."),
+    model: Optional[str] = typer.Option(None, help="BERTScore model id or path (default: offline MiniLM)."),
+    layer: Optional[int] = typer.Option(None, help="BERTScore layer (needed for models bert-score does not know)."),
+    batch_size: int = typer.Option(64, help="BERTScore batch size."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available)."),
+    timeout: float = typer.Option(10.0, help="code: seconds each answer's tests may run."),
+    memory_mb: int = typer.Option(1024, help="code: memory limit per answer in MiB."),
+):
+    """Score recorded answers against each record's reference."""
+    from .data import DataError
+    from .prepare import ScoreError, ScorerConfig, rescore
+
+    try:
+        config = ScorerConfig(metric=metric, model=model, num_layers=layer, batch_size=batch_size, device=device,
+                              timeout_s=timeout, memory_mb=memory_mb)
+        summary = rescore(data, out, config, progress=True)
+    except (DataError, ScoreError) as exc:
+        _fail(str(exc))
+    typer.echo(f"scored {summary.scored} answers in {summary.records} records with {metric}; wrote {out}")
+    for name, mean in summary.mean_score.items():
+        typer.echo(f"  {name}: mean score {mean:.3f}")
+    for problem in summary.problems[:5]:
+        typer.secho(f"  not scored: {problem}", err=True)
+    if summary.unscored:
+        typer.echo(f"{summary.unscored} answers could not be scored (score null)")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from .data import Prompt, prompt_text
@@ -33,8 +33,11 @@ class Controller:
     """Decides which expert answers a prompt.
 
     ``route_on`` picks the text the router reads in a multi-turn conversation:
-    ``last_user`` (default) reads the latest user message, which is what routers are
-    trained on; ``conversation`` reads every system and user message.
+    ``last_user`` (default) reads the latest user message, so a long system prompt
+    shared by every request (RAG instructions, a persona) cannot drown the question;
+    ``conversation`` reads every system and user message, oldest first, which is
+    also how routers read message-list prompts in routing data. For single-turn
+    prompts, the usual case in routing data, both read the same text.
     """
 
     def __init__(self, router: Router | str | os.PathLike, cost_weight: float = 0.0,
@@ -70,7 +73,8 @@ class Controller:
     def text(self, prompt: Prompt) -> str:
         text = prompt_text(prompt, self.route_on)
         if not text.strip():
-            raise ValueError("nothing to route on: the prompt has no user or system text")
+            what = "user message text" if self.route_on == "last_user" else "user or system text"
+            raise ValueError(f"nothing to route on: the prompt has no {what} (route_on={self.route_on!r})")
         return text
 
     def decide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
@@ -84,6 +88,21 @@ class Controller:
                       cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
         """``decide`` in a worker thread, so router inference never blocks the event loop."""
         return await asyncio.to_thread(self.decide, prompt, allowed, cost_weight, max_cost)
+
+    def decide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
+                    cost_weight: float | None = None, max_cost: float | None = None) -> list[Decision]:
+        """``decide`` for many prompts with one router call: batched inference costs far less per prompt."""
+        texts = [self.text(prompt) for prompt in prompts]
+        if not texts:
+            return []
+        allowed = None if allowed is None else list(allowed)
+        quality = self.router.predict(texts)
+        return [self._decision(text, q, allowed, cost_weight, max_cost) for text, q in zip(texts, quality)]
+
+    async def adecide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
+                           cost_weight: float | None = None, max_cost: float | None = None) -> list[Decision]:
+        """``decide_many`` in a worker thread, off the event loop."""
+        return await asyncio.to_thread(self.decide_many, prompts, allowed, cost_weight, max_cost)
 
     def _decision(self, text: str, quality, allowed, cost_weight, max_cost) -> Decision:
         weight = self.cost_weight if cost_weight is None else cost_weight

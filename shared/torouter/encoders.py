@@ -8,8 +8,6 @@ or a local path, works in its place; only a hub id that is not cached needs the 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-
 import numpy as np
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -51,13 +49,26 @@ def _load_sentence_transformer(path: str, device: str):
     return SentenceTransformer(path, device=device)
 
 
-class Encoder:
-    """Unit-norm sentence embeddings from a sentence-transformers model (loaded once per process)."""
+TRUNCATE = ("head", "tail")
 
-    def __init__(self, model: str | None = None, device: str | None = None, batch_size: int = 64):
+
+class Encoder:
+    """Unit-norm sentence embeddings from a sentence-transformers model (loaded once per process).
+
+    ``keep`` says which end of an over-long prompt the encoder reads: ``head`` (the
+    default, as in Hugging Face) keeps the beginning, ``tail`` the end. On RouterBench's
+    few-shot prompts the head, which names the task, routes better than the tail,
+    which holds the question (see benchmarks/bench_routerbench.py).
+    """
+
+    def __init__(self, model: str | None = None, device: str | None = None, batch_size: int = 64,
+                 keep: str = "head"):
+        if keep not in TRUNCATE:
+            raise ValueError(f"keep must be one of {TRUNCATE}, not {keep!r}")
         self.model_name = model or DEFAULT_ENCODER
         self.device = device or default_device()
         self.batch_size = batch_size
+        self.keep = keep
 
     @property
     def model(self):
@@ -76,6 +87,8 @@ class Encoder:
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        # The model object is shared per process, so set the side on every call.
+        self.model.tokenizer.truncation_side = "left" if self.keep == "tail" else "right"
         vectors = self.model.encode(
             list(texts), batch_size=self.batch_size, convert_to_numpy=True,
             normalize_embeddings=True, show_progress_bar=show_progress,
@@ -90,8 +103,4 @@ class Encoder:
         return sum(len(ids) > limit for ids in lengths)
 
     def __repr__(self) -> str:
-        return f"Encoder(model={self.model_name!r}, device={self.device!r})"
-
-
-def is_local_path(name: str) -> bool:
-    return Path(name).expanduser().exists()
+        return f"Encoder(model={self.model_name!r}, device={self.device!r}, keep={self.keep!r})"

@@ -48,9 +48,14 @@ def routerbench_records(rows: Iterable[Mapping[str, Any]], source: str) -> Itera
     Columns: ``sample_id``, ``prompt``, ``eval_name``, ``<model>`` (score),
     ``<model>|model_response``, ``<model>|total_cost``. An empty score cell is unobserved.
     """
+    return _records(((f"row {i}", row) for i, row in enumerate(rows)), source)
+
+
+def _records(rows: Iterable[tuple[int | str, Mapping[str, Any]]], source: str) -> Iterator[Record]:
+    """``routerbench_records`` over ``(location, row)`` pairs; errors name the location."""
     models: list[str] | None = None
-    for lineno, row in enumerate(rows, 2):
-        where = f"{source}:{lineno}"
+    for location, row in rows:
+        where = f"{source}:{location}"
         if models is None:
             missing = {"sample_id", "prompt"} - set(row)
             if missing:
@@ -91,9 +96,13 @@ def read_routerbench(paths: Iterable[str | os.PathLike], allow_pickle: bool = Fa
         else:
             csv.field_size_limit(1 << 30)
             rows = _csv_rows(path)
-        for record in routerbench_records(rows, str(path)):
-            if record.id in seen:
-                raise DataError(f"{path}: duplicate sample_id {record.id!r}")
+        for record in _records(rows, str(path)):
+            # RouterBench reuses a few sample_ids for different prompt variants; keep each
+            # row, numbering the repeats so ids stay unique.
+            base, n = record.id, 1
+            while record.id in seen:
+                n += 1
+                record.id = f"{base}#{n}"
             seen.add(record.id)
             records.append(record)
     if not records:
@@ -101,12 +110,15 @@ def read_routerbench(paths: Iterable[str | os.PathLike], allow_pickle: bool = Fa
     return records
 
 
-def _csv_rows(path: Path) -> Iterator[dict[str, str]]:
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows with the file line each one ends on (cells may hold newlines)."""
     with path.open(newline="", encoding="utf-8") as handle:
-        yield from csv.DictReader(handle)
+        reader = csv.DictReader(handle)
+        for row in reader:
+            yield reader.line_num, row
 
 
-def _pickle_rows(path: Path, allow_pickle: bool) -> Iterator[dict[str, Any]]:
+def _pickle_rows(path: Path, allow_pickle: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     if not allow_pickle:
         raise DataError(f"{path}: a pickle file can run arbitrary code when read; pass --allow-pickle "
                         "(allow_pickle=True) only for a file you trust, e.g. RouterBench's own release")
@@ -117,4 +129,5 @@ def _pickle_rows(path: Path, allow_pickle: bool) -> Iterator[dict[str, Any]]:
     frame = pd.read_pickle(path)
     if not hasattr(frame, "to_dict"):
         raise DataError(f"{path}: expected a pandas DataFrame, got {type(frame).__name__}")
-    yield from frame.reset_index(drop=True).to_dict(orient="records")
+    for i, row in enumerate(frame.reset_index(drop=True).to_dict(orient="records")):
+        yield f"row {i}", row

@@ -55,11 +55,15 @@ def rank(quality: np.ndarray, costs: np.ndarray, cost_weight: float = 0.0,
          max_cost: float | None = None, allowed: np.ndarray | None = None) -> list[int]:
     """All usable experts for one prompt, best first: the pick, then the fallback order."""
     utility, costs = _utilities(np.atleast_2d(quality), costs, cost_weight, max_cost, allowed)
-    utility, costs = utility[0], costs[0]
-    usable = np.flatnonzero(np.isfinite(utility))
-    rounded = np.round(utility[usable] / TIE_TOLERANCE) * TIE_TOLERANCE
-    order = np.lexsort((costs[usable], -rounded))
-    return [int(i) for i in usable[order]]
+    utility, costs = utility[0].copy(), costs[0]
+    order: list[int] = []
+    # Apply choose's rule repeatedly so the first entry is always choose's pick.
+    while np.isfinite(utility).any():
+        tied = utility >= utility.max() - TIE_TOLERANCE
+        pick = int(np.where(tied, costs, np.inf).argmin())
+        order.append(pick)
+        utility[pick] = -np.inf
+    return order
 
 
 @dataclass

@@ -123,6 +123,7 @@ class Router:
         from safetensors.numpy import save_file
 
         target = Path(path)
+        _check_replaceable(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
         try:
@@ -154,7 +155,10 @@ class Router:
 
         directory = Path(path)
         config = read_config(directory)
-        router_cls = get_router_class(config["method"])
+        try:
+            router_cls = get_router_class(config["method"])
+        except ValueError as exc:
+            raise RouterFileError(f"{directory / CONFIG_NAME}: {exc}") from None
         if cls is not Router and not issubclass(router_cls, cls):
             raise RouterFileError(f"{directory}: holds a {config['method']!r} router, not {cls.method!r}")
         for name, expected in config["files"].items():
@@ -176,7 +180,10 @@ class Router:
         router.experts_ = list(config["experts"])
         router.expert_costs_ = {k: float(v) for k, v in config["expert_costs"].items()}
         router.fit_info_ = dict(config.get("fit_info", {}))
-        router._set_state(arrays, config.get("state", {}), directory)
+        try:
+            router._set_state(arrays, config.get("state", {}), directory)
+        except KeyError as exc:
+            raise RouterFileError(f"{directory}: saved state lacks {exc}") from None
         return router
 
 
@@ -212,12 +219,21 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_replaceable(target: Path) -> None:
+    """Only a missing path, an empty directory or a saved router may be overwritten."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+        raise FileExistsError(f"{target} is a non-empty directory that holds no saved router; "
+                              "refusing to replace it")
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(target, old)
@@ -242,7 +258,26 @@ class EmbeddingRouter(Router):
     def _embed(self, texts: list[str]) -> np.ndarray:
         return self._encoder().encode(texts, show_progress=len(texts) >= 512)
 
+    def fit(self, dataset: RoutingDataset, embeddings: np.ndarray | None = None) -> Router:
+        """Fit; ``embeddings`` may pass the dataset's prompts already encoded with ``self.encoder``."""
+        if embeddings is not None and len(embeddings) != len(dataset):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(dataset)} prompts")
+        self._given_embeddings = embeddings
+        try:
+            return super().fit(dataset)
+        finally:
+            self._given_embeddings = None
+
+    def predict_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        """``predict`` for prompts already encoded with ``self.encoder``."""
+        raise NotImplementedError
+
+    def _predict(self, texts: list[str]) -> np.ndarray:
+        return self.predict_embeddings(self._embed(texts))
+
     def _fit_embeddings(self, dataset: RoutingDataset) -> np.ndarray:
+        if getattr(self, "_given_embeddings", None) is not None:
+            return np.asarray(self._given_embeddings, dtype=np.float32)
         texts = dataset.texts()
         encoder = self._encoder()
         self.fit_info_["truncated"] = encoder.count_truncated(texts)

@@ -103,7 +103,7 @@ class BERTRouter(Router):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimiser.step()
                 schedule.step()
-                loss_value = float(loss)
+                loss_value = loss.item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}")
         bar.close()

@@ -37,9 +37,6 @@ class KNNRouter(EmbeddingRouter):
         self.scores_ = dataset.scores.astype(np.float32)
         self.mean_scores_ = dataset.mean_scores()
 
-    def _predict(self, texts: list[str]) -> np.ndarray:
-        return self.predict_embeddings(self._embed(texts))
-
     def predict_embeddings(self, queries: np.ndarray) -> np.ndarray:
         k = min(self.k, len(self.embeddings_))
         sims = queries @ self.embeddings_.T

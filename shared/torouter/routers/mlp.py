@@ -44,14 +44,11 @@ class MLPRouter(EmbeddingRouter):
         self.device = device
 
     def _fit(self, dataset: RoutingDataset) -> None:
-        self.fit_embedded(self._fit_embeddings(dataset), dataset.scores, dataset.mask)
-
-    def fit_embedded(self, embeddings: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> None:
-        """Train on precomputed embeddings (lets a benchmark encode once for many fits)."""
         import torch
 
         from tqdm.auto import tqdm
 
+        embeddings, scores, mask = self._fit_embeddings(dataset), dataset.scores, dataset.mask
         torch.manual_seed(self.seed)
         device = pick_device(self.device)
         x = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
@@ -88,9 +85,6 @@ class MLPRouter(EmbeddingRouter):
 
     def predict_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         return quality_from_log_probs(self._log_probs(embeddings), self.temperature, self.offset_)
-
-    def _predict(self, texts: list[str]) -> np.ndarray:
-        return self.predict_embeddings(self._embed(texts))
 
     def _get_state(self):
         arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self._net.state_dict().items()}
