@@ -9,6 +9,7 @@ import pytest
 
 from torouter.data import Record, RoutingDataset
 from torouter.evaluate import (
+    edge_cloud_report,
     aiq,
     default_cost_weights,
     evaluate,
@@ -330,3 +331,25 @@ def test_report_is_json_and_renders(report, tmp_path, capsys):
     plot(report, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["plot.png"]
+
+
+# --- edge-to-cloud ---------------------------------------------------------------------------
+
+def test_edge_cloud_report_keeps_ties_local_and_spans_all_edge_to_cloud():
+    records = [
+        Record("a", "easy question", {"edge": {"score": 1.0, "cost": 0.001}, "cloud": {"score": 1.0, "cost": 0.01}}),
+        Record("b", "hard question", {"edge": {"score": 0.0, "cost": 0.001}, "cloud": {"score": 1.0, "cost": 0.01}}),
+    ]
+    data = RoutingDataset(records)
+    oracle = make_router("oracle").fit(data)
+    report = edge_cloud_report(oracle, data, cost_weights=[0.0, 1e6])
+    assert report["edge"] == "edge"  # the cheapest expert by default
+    quality_only, cost_only = report["sweep"]
+    # At cost_weight 0 the tie on "a" stays local and "b" goes to the cloud.
+    assert quality_only["local_share"] == 0.5
+    assert quality_only["score"] == 1.0
+    assert quality_only["cost"] == pytest.approx((0.001 + 0.01) / 2)
+    assert cost_only["local_share"] == 1.0 and cost_only["score"] == 0.5
+    assert report["all_edge"]["score"] == 0.5 and report["all_cloud"]["name"] == "cloud"
+    with pytest.raises(ValueError, match="unknown edge expert"):
+        edge_cloud_report(oracle, data, edge="nope")

@@ -119,6 +119,28 @@ def evaluate_cmd(
         typer.echo(f"plot: {plot_out}")
 
 
+@app.command()
+def edge(
+    router_dir: Path = typer.Argument(..., help="Saved router directory."),
+    data: Path = typer.Argument(..., help="Held-out routing data (JSONL)."),
+    edge_expert: Optional[str] = typer.Option(None, "--edge", help="The local expert (default: the cheapest)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+):
+    """Edge-to-cloud: how much can stay on the local expert, at what quality and cost."""
+    import torouter.evaluate as ev
+
+    router = _load_router(router_dir)
+    dataset = _load_dataset(data)
+    try:
+        report = ev.edge_cloud_report(router, dataset, edge=edge_expert)
+    except ValueError as exc:
+        _fail(str(exc))
+    ev.print_edge_report(report)
+    if json_out:
+        ev.save_json(report, json_out)
+        typer.echo(f"report: {json_out}")
+
+
 @import_app.command("routerbench")
 def import_routerbench(
     files: list[Path] = typer.Argument(..., help="RouterBench CSV files (or its pickle, with --allow-pickle)."),

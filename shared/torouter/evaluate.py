@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .data import RoutingDataset, atomic_write
-from .policy import choose
+from .policy import TIE_TOLERANCE, choose
 from .routers import RandomRouter
 from .routers.base import Router
 
@@ -269,3 +269,74 @@ def plot(report: dict[str, Any], path: str | Path, title: str | None = None) -> 
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def edge_cloud_report(router: Router, dataset: RoutingDataset, edge: str | None = None,
+                      cost_weights: list[float] | None = None, prices: dict[str, float] | None = None,
+                      quality: np.ndarray | None = None) -> dict[str, Any]:
+    """Edge-to-cloud routing: answer locally unless a cloud expert's predicted gain is worth its cost.
+
+    The rule is the cost-weight rule with the edge expert priced at its own (expected)
+    cost, ties going to the edge. ``edge`` defaults to the cheapest expert. Each sweep
+    point reports the share answered locally beside all-edge and all-cloud (the best
+    cloud expert alone) on the same records.
+    """
+    data = RoutingDataset(dataset.records, router.experts_)
+    expected = router.costs(prices)
+    edge = edge or router.experts_[int(np.nanargmin(expected))]
+    if edge not in router.experts_:
+        raise ValueError(f"unknown edge expert {edge!r}; the router knows {router.experts_}")
+    j_edge = router.experts_.index(edge)
+    # Records where the edge expert was not observed cannot say what answering locally gives.
+    keep = np.flatnonzero(data.mask[:, j_edge])
+    data = data.subset(keep)
+    if quality is None:
+        quality = router.predict(data.texts())
+    else:
+        quality = np.asarray(quality)[keep]
+    weights = cost_weights if cost_weights is not None else default_cost_weights(expected)
+    sweep = []
+    for w in weights:
+        picks = _edge_picks(quality, expected, j_edge, w, data.mask)
+        stats = point_stats(data, picks)
+        stats["local_share"] = float(np.mean(picks == j_edge))
+        sweep.append({"cost_weight": float(w), **stats})
+    experts = {e["name"]: e for e in expert_stats(data)}
+    cloud = [e for name, e in experts.items() if name != edge]
+    best_cloud = max(cloud, key=lambda e: (e["score"], -e["cost"])) if cloud else None
+    return {"n": len(data), "edge": edge, "all_edge": experts[edge], "all_cloud": best_cloud, "sweep": sweep}
+
+
+def _edge_picks(quality, expected, edge: int, weight: float, mask) -> np.ndarray:
+    """``choose``'s rule, except that any tie involving the edge expert stays local."""
+    order = np.argsort(expected, kind="stable")
+    tie_rank = np.empty_like(order)
+    tie_rank[order] = np.arange(1, len(order) + 1)
+    tie_rank[edge] = 0  # among tied experts the lowest rank wins: the edge first, then the cheaper
+    utility = np.where(mask & ~np.isnan(quality), np.nan_to_num(quality) - weight * expected, -np.inf)
+    tied = utility >= utility.max(axis=1, keepdims=True) - TIE_TOLERANCE
+    return np.where(tied, tie_rank, len(order) + 1).argmin(axis=1)
+
+
+def edge_rows(report: dict[str, Any], max_rows: int = 10) -> list[tuple[str, ...]]:
+    """Table rows for an edge-to-cloud report: policy, local share, score, cost per query."""
+    rows = [(f"all-edge ({report['edge']})", "100%", report["all_edge"])]
+    if report["all_cloud"]:
+        rows.append((f"all-cloud ({report['all_cloud']['name']})", "0%", report["all_cloud"]))
+    sweep = _frontier(report["sweep"])
+    step = max(1, math.ceil(len(sweep) / max_rows))
+    for p in sweep[::step]:
+        rows.append((f"edge-to-cloud (w={p['cost_weight']:.3g})", f"{p['local_share']:.0%}", p))
+    return [(name, share, _fmt(p["score"], ".4f"), _fmt(p["cost"], ".3e")) for name, share, p in rows]
+
+
+def print_edge_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"edge-to-cloud routing, edge = {report['edge']} ({report['n']} records)")
+    for col in ("policy", "answered locally", "score", "$ / query"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for row in edge_rows(report):
+        table.add_row(*row)
+    Console().print(table)
