@@ -99,10 +99,6 @@ def _as_prompt(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return prompt
 
 
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 class TORouterLLM(FunctionCallingLLM):
     """An LLM that routes each request to the best expert for its quality/cost trade-off.
 
@@ -277,11 +273,10 @@ class TORouterLLM(FunctionCallingLLM):
     def _outcome(self, decision: Decision, expert: str, failures: dict[str, BaseException],
                  forced: bool) -> dict[str, Any]:
         """The routing metadata a response carries; emits a fallback event when one happened."""
-        failed = {name: _error_text(exc) for name, exc in failures.items()}
-        if failed:
-            dispatcher.event(ExpertFallbackEvent(expert=expert, chosen=decision.expert, failures=failed))
-        return {**decision.as_metadata(), "expert": expert, "chosen": decision.expert,
-                "fallback": bool(failed), "failures": failed, "forced": forced}
+        meta = decision.outcome(expert, failures, forced)
+        if meta["failures"]:
+            dispatcher.event(ExpertFallbackEvent(expert=expert, chosen=decision.expert, failures=meta["failures"]))
+        return meta
 
     # ---- chat ----------------------------------------------------------------------
 

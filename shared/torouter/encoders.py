@@ -99,7 +99,7 @@ class Encoder:
         """How many texts are longer than the encoder reads (their tail is ignored)."""
         tokenizer = self.model.tokenizer
         limit = self.max_length
-        lengths = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        lengths = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return sum(len(ids) > limit for ids in lengths)
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ cheapest allowed expert is chosen (a budget never leaves a query unanswered).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,3 +87,15 @@ class Decision:
             "cost_weight": self.cost_weight,
             "max_cost": self.max_cost,
         }
+
+    def outcome(self, answered_by: str, failures: Mapping[str, BaseException] | None = None,
+                forced: bool = False) -> dict:
+        """The routing metadata a response carries, the same in every adapter.
+
+        ``expert`` answered; ``chosen`` is the router's pick; ``fallback`` and ``failures``
+        say whether, and why, experts earlier in the ranking were passed over; ``forced``
+        says the caller named the expert.
+        """
+        failed = {name: f"{type(exc).__name__}: {exc}" for name, exc in (failures or {}).items()}
+        return {**self.as_metadata(), "expert": answered_by, "chosen": self.expert,
+                "fallback": bool(failed), "failures": failed, "forced": forced}

@@ -70,7 +70,7 @@ class BERTRouter(Router):
         model.to(device)
 
         texts = dataset.texts()
-        lengths = [len(ids) for ids in self._tokenizer(texts, truncation=False)["input_ids"]]
+        lengths = [len(ids) for ids in self._tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
         truncated = sum(n > self.max_length for n in lengths)
         self.fit_info_.update(truncated=truncated, max_length=self.max_length)
         if truncated:

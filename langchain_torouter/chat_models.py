@@ -1,0 +1,620 @@
+"""``ChatTORouter``: a LangChain chat model that routes each request among expert chat models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import ensure_config, get_config_list, get_executor_for_config
+from langchain_core.runnables.utils import gather_with_concurrency
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from torouter.controller import (
+    Controller,
+    acall_with_fallbacks,
+    astream_with_fallbacks,
+    call_with_fallbacks,
+    stream_with_fallbacks,
+)
+from torouter.policy import Decision
+from torouter.routers import Router
+
+from ._routing import (
+    METADATA_KEY,
+    achild_callbacks,
+    attempt_config,
+    candidates,
+    child_callbacks,
+    messages_to_prompt,
+    model_name,
+    outcome,
+    predecided,
+    run_batch,
+    split_options,
+    stream_parent,
+    take_predecided,
+    take_stream_parent,
+)
+from .runnables import TORouterRunnable
+
+try:  # run ids are time-ordered UUIDs in recent langchain-core; any UUID works
+    from langchain_core.utils.uuid import uuid7 as _new_run_id
+except ImportError:  # pragma: no cover - older langchain-core 1.x
+    from uuid import uuid4 as _new_run_id
+
+_DONE = object()
+
+
+class ChatTORouter(BaseChatModel):
+    """Chat model that sends each request to the expert chat model a trained TO-Router picks.
+
+    The router reads the conversation, predicts every expert's quality and the expert
+    with the best ``quality - cost_weight * cost`` answers; ``max_cost`` skips pricier
+    experts when a cheaper one exists. ``invoke``, ``batch``, ``stream`` and their async
+    forms delegate to that expert (streaming its tokens as they come) and the decision
+    rides along in ``response_metadata["torouter"]``; the expert's own call is a child
+    run of this model's run in callbacks and traces, tagged with the same decision.
+
+    If the chosen expert fails before producing output, the next expert in the
+    router's ranking answers (``fallbacks=False`` turns this off); when every expert
+    fails, ``torouter.AllExpertsFailed`` names each failure. ``bind_tools`` and
+    ``with_structured_output`` route only among the experts that support them.
+
+    Per call, ``model="<expert>"`` forces an expert and ``cost_weight=`` / ``max_cost=``
+    override the defaults (also through ``.bind(...)``); other keyword arguments go to
+    the expert.
+
+    Setup:
+        ``pip install "torouter[langchain]"``, then train a router with
+        ``torouter train`` (or ``torouter.make_router(...).fit(...)``).
+
+    Instantiate:
+        ```python
+        from langchain_openai import ChatOpenAI
+        from langchain_torouter import ChatTORouter
+
+        llm = ChatTORouter(
+            experts={"small": ChatOpenAI(model="gpt-4o-mini"), "large": ChatOpenAI(model="gpt-4o")},
+            router="runs/router",  # a saved router directory, or a fitted Router
+            cost_weight=50.0,
+        )
+        ```
+
+    Invoke:
+        ```python
+        msg = llm.invoke("Write a Python function that reverses a string.")
+        msg.response_metadata["torouter"]["expert"]  # which expert answered
+        msg.response_metadata["torouter"]["scores"]  # the router's quality estimates
+        ```
+
+    Stream:
+        ```python
+        for chunk in llm.stream("What is the capital of Peru?"):
+            print(chunk.text, end="")
+        ```
+
+    Tool calling:
+        ```python
+        llm_with_tools = llm.bind_tools([get_weather])
+        llm_with_tools.invoke("What is the weather in Lima?").tool_calls
+        ```
+
+    Structured output:
+        ```python
+        llm.with_structured_output(Answer).invoke("...")
+        ```
+    """
+
+    experts: dict[str, BaseChatModel]
+    """Expert chat models by name; the names must be exactly the router's experts."""
+
+    router: Router | str | Path = Field(exclude=True)
+    """A fitted ``torouter`` router, or the directory it was saved to."""
+
+    cost_weight: float = Field(default=0.0, ge=0.0)
+    """Price of one unit of cost in quality units: 0 picks the best expert regardless of cost."""
+
+    max_cost: float | None = Field(default=None, ge=0.0)
+    """Skip experts whose expected cost per query is above this (the cheapest is kept if none fit)."""
+
+    route_on: Literal["last_user", "conversation"] = "last_user"
+    """Text the router reads: the latest user message (default, what routers are trained on)
+    or every system and user message of the conversation."""
+
+    prices: dict[str, float] | None = None
+    """Expected cost per query by expert, overriding the costs the router was trained with."""
+
+    fallbacks: bool = True
+    """Let the next expert in the ranking answer when the chosen one fails before any output."""
+
+    stop: list[str] | None = None
+    """Default stop sequences passed to the answering expert."""
+
+    temperature: float | None = None
+    """Sampling temperature passed to the answering expert per call; None leaves each expert's own."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Output token limit passed to the answering expert per call; None leaves each expert's own."""
+
+    streaming: bool = False
+    """Make ``invoke`` stream from the expert (``on_llm_new_token`` fires per token)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
+
+    _controller: Controller = PrivateAttr()
+    _model_names: dict[str, str] = PrivateAttr(default_factory=dict)
+    _bound: dict[str, Runnable] | None = PrivateAttr(default=None)
+    _skipped: dict[str, str] = PrivateAttr(default_factory=dict)
+    _bound_params: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _check_experts(cls, experts: Any) -> Any:
+        if not isinstance(experts, Mapping) or not experts:
+            raise ValueError("experts must be a non-empty dict of name -> LangChain chat model")
+        for name, expert in experts.items():
+            if not isinstance(expert, BaseChatModel):
+                raise ValueError(
+                    f"expert {name!r} is a {type(expert).__name__}, not a LangChain chat model; "
+                    "use TORouterRunnable to route among other runnables")
+        return dict(experts)
+
+    @field_validator("router", mode="before")
+    @classmethod
+    def _check_router(cls, router: Any) -> Any:
+        if isinstance(router, os.PathLike) and not isinstance(router, Path):
+            return Path(router)
+        if not isinstance(router, (Router, str, Path)):
+            raise ValueError(f"router must be a fitted torouter Router or a saved router directory, "
+                             f"not a {type(router).__name__}")
+        return router
+
+    @model_validator(mode="after")
+    def _build_controller(self) -> ChatTORouter:
+        self._controller = Controller(self.router, self.cost_weight, self.max_cost, self.route_on, self.prices)
+        self._controller.check_experts(self.experts)
+        self._model_names = {name: model_name(expert, name) for name, expert in self.experts.items()}
+        return self
+
+    # --- LangChain model identity -----------------------------------------------------
+    @property
+    def controller(self) -> Controller:
+        """The core controller that makes every decision (router, costs, ``route_on``)."""
+        return self._controller
+
+    @property
+    def _llm_type(self) -> str:
+        return "torouter-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"experts": dict(self._model_names), "router": self._controller.router.method,
+                "cost_weight": self.cost_weight, "max_cost": self.max_cost, "route_on": self.route_on,
+                "prices": self.prices, "fallbacks": self.fallbacks, **self._bound_params}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="torouter", ls_model_name=kwargs.get("model") or "torouter",
+                                 ls_model_type="chat")
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    # --- routing ------------------------------------------------------------------------
+    def route(self, input: LanguageModelInput, *, model: str | None = None, cost_weight: float | None = None,
+              max_cost: float | None = None) -> Decision:
+        """Which expert would answer ``input``, and the fallback order, without calling any expert."""
+        return self._controller.decide(self._prompt(self._convert_input(input).to_messages()),
+                                       allowed=self._allowed(model), cost_weight=cost_weight, max_cost=max_cost)
+
+    async def aroute(self, input: LanguageModelInput, *, model: str | None = None,
+                     cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
+        """``route`` with router inference in a worker thread, off the event loop."""
+        return await self._controller.adecide(self._prompt(self._convert_input(input).to_messages()),
+                                              allowed=self._allowed(model), cost_weight=cost_weight,
+                                              max_cost=max_cost)
+
+    def _allowed(self, forced: str | None) -> list[str] | None:
+        usable = None if self._bound is None else list(self._bound)
+        return candidates(forced, list(self.experts), usable, self._skipped)
+
+    @staticmethod
+    def _prompt(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+        if not messages:
+            raise ValueError("ChatTORouter got an empty message list: there is nothing to route on")
+        return messages_to_prompt(messages)
+
+    def _decide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> tuple[Decision, bool]:
+        forced, cost_weight, max_cost = split_options(kwargs)
+        decision = take_predecided(self)
+        if decision is None:
+            decision = self._controller.decide(self._prompt(messages), allowed=self._allowed(forced),
+                                               cost_weight=cost_weight, max_cost=max_cost)
+        return decision, forced is not None
+
+    async def _adecide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> tuple[Decision, bool]:
+        forced, cost_weight, max_cost = split_options(kwargs)
+        decision = take_predecided(self)
+        if decision is None:
+            decision = await self._controller.adecide(self._prompt(messages), allowed=self._allowed(forced),
+                                                      cost_weight=cost_weight, max_cost=max_cost)
+        return decision, forced is not None
+
+    def _runnable(self, name: str) -> Runnable:
+        return self._bound[name] if self._bound is not None else self.experts[name]
+
+    def _expert_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs.pop("stream", None)
+        if self._bound is not None:
+            kwargs.pop("tools", None)  # already bound on each expert, in its own format
+            kwargs.pop("tool_choice", None)
+        if self.temperature is not None:
+            kwargs.setdefault("temperature", self.temperature)
+        if self.max_tokens is not None:
+            kwargs.setdefault("max_tokens", self.max_tokens)
+        return kwargs
+
+    def _answer(self, message: AIMessage, name: str, decision: Decision, failures: Mapping[str, BaseException],
+                forced: bool) -> AIMessage:
+        meta = dict(message.response_metadata)
+        if not meta.get("model_name"):
+            meta["model_name"] = self._model_names[name]
+        meta[METADATA_KEY] = outcome(decision, name, failures, forced)
+        return message.model_copy(update={"response_metadata": meta})
+
+    def _tagger(self, decision: Decision, forced: bool) -> _ChunkTagger:
+        return _ChunkTagger(decision, forced, self._model_names)
+
+    # --- generation -----------------------------------------------------------------------
+    def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
+        # Inside generate (run_manager given) ``_generate`` streams by itself when asked, so
+        # the expert's call stays a child run; ``stream()`` (no run_manager) streams as usual.
+        if run_manager is not None:
+            return False
+        return super()._should_stream(async_api=async_api, **kwargs)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if super()._should_stream(async_api=False, run_manager=run_manager, **kwargs):
+            chunks = []
+            for chunk in self._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                chunks.append(chunk)
+            return generate_from_stream(iter(chunks))
+        stop = self.stop if stop is None else stop
+        decision, forced = self._decide(messages, kwargs)
+        callbacks = child_callbacks(run_manager) if run_manager is not None else None
+        expert_kwargs = self._expert_kwargs(kwargs)
+
+        def call(name: str) -> AIMessage:
+            config = attempt_config(callbacks, decision, name, forced)
+            return self._runnable(name).invoke(messages, config, stop=stop, **expert_kwargs)
+
+        name, message, failures = call_with_fallbacks(decision.ranking, call, self.fallbacks)
+        return ChatResult(generations=[ChatGeneration(message=self._answer(message, name, decision, failures,
+                                                                           forced))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if super()._should_stream(async_api=True, run_manager=run_manager, **kwargs):
+            chunks = []
+            async for chunk in self._astream(messages, stop=stop, run_manager=run_manager, **kwargs):
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                chunks.append(chunk)
+            return await agenerate_from_stream(_aiter(chunks))
+        stop = self.stop if stop is None else stop
+        decision, forced = await self._adecide(messages, kwargs)
+        callbacks = achild_callbacks(run_manager) if run_manager is not None else None
+        expert_kwargs = self._expert_kwargs(kwargs)
+
+        async def call(name: str) -> AIMessage:
+            config = attempt_config(callbacks, decision, name, forced)
+            return await self._runnable(name).ainvoke(messages, config, stop=stop, **expert_kwargs)
+
+        name, message, failures = await acall_with_fallbacks(decision.ranking, call, self.fallbacks)
+        return ChatResult(generations=[ChatGeneration(message=self._answer(message, name, decision, failures,
+                                                                           forced))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        callbacks = (child_callbacks(run_manager) if run_manager is not None
+                     else take_stream_parent(self, CallbackManager))
+        stop = self.stop if stop is None else stop
+        decision, forced = self._decide(messages, kwargs)
+        expert_kwargs = self._expert_kwargs(kwargs)
+
+        def start(name: str) -> Iterator[AIMessageChunk]:
+            config = attempt_config(callbacks, decision, name, forced)
+            return self._runnable(name).stream(messages, config, stop=stop, **expert_kwargs)
+
+        tagger = self._tagger(decision, forced)
+        for name, chunk, failures in stream_with_fallbacks(decision.ranking, start, self.fallbacks):
+            yield tagger.tag(name, chunk, failures)
+        if (tail := tagger.tail()) is not None:
+            yield tail
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        callbacks = (achild_callbacks(run_manager) if run_manager is not None
+                     else take_stream_parent(self, AsyncCallbackManager))
+        stop = self.stop if stop is None else stop
+        decision, forced = await self._adecide(messages, kwargs)
+        expert_kwargs = self._expert_kwargs(kwargs)
+
+        def start(name: str) -> AsyncIterator[AIMessageChunk]:
+            config = attempt_config(callbacks, decision, name, forced)
+            return self._runnable(name).astream(messages, config, stop=stop, **expert_kwargs)
+
+        tagger = self._tagger(decision, forced)
+        async for name, chunk, failures in astream_with_fallbacks(decision.ranking, start, self.fallbacks):
+            yield tagger.tag(name, chunk, failures)
+        if (tail := tagger.tail()) is not None:
+            yield tail
+
+    # ``BaseChatModel.stream`` does not hand its run manager to ``_stream``; these overrides
+    # fix the run id up front and tell ``_stream`` about it, so the expert's streamed call
+    # is still traced as a child of this model's run.
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or _new_run_id()
+        chunks = super().stream(input, {**config}, stop=stop, **kwargs)
+        with stream_parent(self, config):
+            first = next(chunks, _DONE)
+        if first is _DONE:
+            return
+        yield first
+        yield from chunks
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or _new_run_id()
+        chunks = super().astream(input, {**config}, stop=stop, **kwargs)
+        with stream_parent(self, config):
+            first = await anext(chunks, _DONE)
+        if first is _DONE:
+            return
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    # --- batch: one router call for the whole batch -------------------------------------
+    def _batch_request(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> dict | None:
+        """Arguments of one ``decide_many`` call for a batch, or None if an input cannot be routed."""
+        forced, cost_weight, max_cost = split_options(dict(kwargs))
+        try:
+            prompts = [self._prompt(self._convert_input(x).to_messages()) for x in inputs]
+            allowed = self._allowed(forced)
+        except (ValueError, TypeError):
+            return None  # a bad input: each request routes (and fails) inside its own run
+        return {"prompts": prompts, "allowed": allowed, "cost_weight": cost_weight, "max_cost": max_cost}
+
+    def _decide_batch(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> list | None:
+        request = self._batch_request(inputs, kwargs)
+        try:
+            return None if request is None else self._controller.decide_many(**request)
+        except ValueError:
+            return None  # e.g. a prompt with no text to route on: it fails inside its own run
+
+    async def _adecide_batch(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> list | None:
+        request = self._batch_request(inputs, kwargs)
+        try:
+            return None if request is None else await self._controller.adecide_many(**request)
+        except ValueError:
+            return None
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """Route the whole batch with one router call, then call the chosen experts in parallel."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        decisions = self._decide_batch(inputs, kwargs)
+
+        def invoke(i: int) -> AIMessage:
+            with predecided(self, decisions[i] if decisions else None):
+                return self.invoke(inputs[i], configs[i], **kwargs)
+
+        one = run_batch(invoke, return_exceptions)
+        if len(inputs) == 1:
+            return [one(0)]
+        with get_executor_for_config(configs[0]) as executor:
+            return list(executor.map(one, range(len(inputs))))
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """``batch`` with router inference in a worker thread and the experts called concurrently."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        decisions = await self._adecide_batch(inputs, kwargs)
+
+        async def ainvoke(i: int) -> AIMessage:
+            with predecided(self, decisions[i] if decisions else None):
+                if not return_exceptions:
+                    return await self.ainvoke(inputs[i], configs[i], **kwargs)
+                try:
+                    return await self.ainvoke(inputs[i], configs[i], **kwargs)
+                except Exception as exc:  # noqa: BLE001 - returned to the caller, as Runnable.abatch does
+                    return exc
+
+        return await gather_with_concurrency(configs[0].get("max_concurrency"),
+                                             *(ainvoke(i) for i in range(len(inputs))))
+
+    # --- tools and structured output ------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind ``tools`` on every expert that supports them; requests route only among those.
+
+        An expert whose ``bind_tools`` is missing or rejects these tools (or this
+        ``tool_choice``) is skipped; if none accepts them this raises ValueError.
+        """
+        bound: dict[str, Runnable] = {}
+        skipped: dict[str, str] = {}
+        for name, expert in self.experts.items():
+            if type(expert).bind_tools is BaseChatModel.bind_tools:
+                skipped[name] = f"{type(expert).__name__} does not implement tool calling"
+                continue
+            try:
+                if tool_choice is None:
+                    bound[name] = expert.bind_tools(tools, **kwargs)
+                else:
+                    bound[name] = expert.bind_tools(tools, tool_choice=tool_choice, **kwargs)
+            except (NotImplementedError, TypeError, ValueError) as exc:
+                skipped[name] = f"{type(exc).__name__}: {exc}"
+        if not bound:
+            raise ValueError(f"no expert can take these tools: {skipped}")
+        routed = self.model_copy()
+        routed._bound, routed._skipped = bound, skipped
+        routed._bound_params = {"tool_experts": sorted(bound)}
+        # Bound like any chat model's tools, for tracing, caching and code that inspects
+        # ``binding.kwargs["tools"]``; ``_generate`` drops them since the experts hold their own.
+        binding: dict[str, Any] = {"tools": [_tool_repr(t) for t in tools]}
+        if tool_choice is not None:
+            binding["tool_choice"] = tool_choice
+        if kwargs.get("ls_structured_output_format"):
+            binding["ls_structured_output_format"] = kwargs["ls_structured_output_format"]
+        return routed.bind(**binding)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Structured output from whichever expert the router picks, among those that support it.
+
+        Each expert's own ``with_structured_output(schema, include_raw=..., **kwargs)`` is
+        used (so ``method=`` and ``strict=`` mean what they mean for that expert); experts
+        that raise are skipped. The result is a ``TORouterRunnable`` over those runnables:
+        its child run for the expert carries the decision in its metadata, and with
+        ``include_raw=True`` the raw message carries it in ``response_metadata``.
+        """
+        runnables: dict[str, Runnable] = {}
+        skipped: dict[str, str] = {}
+        for name, expert in self.experts.items():
+            try:
+                runnables[name] = expert.with_structured_output(schema, include_raw=include_raw, **kwargs)
+            except (NotImplementedError, TypeError, ValueError) as exc:
+                skipped[name] = f"{type(exc).__name__}: {exc}"
+        if not runnables:
+            raise ValueError(f"no expert supports structured output for this schema: {skipped}")
+        return TORouterRunnable(
+            runnables=runnables, router=self._controller.router, cost_weight=self.cost_weight,
+            max_cost=self.max_cost, route_on=self.route_on, prices=self.prices, fallbacks=self.fallbacks,
+            allowed=list(runnables))
+
+
+class _ChunkTagger:
+    """Puts the decision on a stream's first chunk and ``model_name`` on its end if the expert sent none."""
+
+    def __init__(self, decision: Decision, forced: bool, model_names: Mapping[str, str]):
+        self.decision, self.forced, self.model_names = decision, forced, model_names
+        self.name: str | None = None
+        self.last: AIMessageChunk | None = None
+        self.named = False
+
+    def tag(self, name: str, chunk: AIMessageChunk, failures: Mapping[str, BaseException]) -> ChatGenerationChunk:
+        meta = dict(chunk.response_metadata)
+        self.named = self.named or bool(meta.get("model_name"))
+        if self.last is None:
+            meta[METADATA_KEY] = outcome(self.decision, name, failures, self.forced)
+        self.name = name
+        self.last = chunk.model_copy(update={"response_metadata": meta})
+        return ChatGenerationChunk(message=self.last)
+
+    def tail(self) -> ChatGenerationChunk | None:
+        if self.last is None or self.named:
+            return None
+        return ChatGenerationChunk(message=AIMessageChunk(
+            content="" if isinstance(self.last.content, str) else [], chunk_position="last",
+            response_metadata={"model_name": self.model_names[self.name]}))
+
+
+def _tool_repr(tool: Any) -> Any:
+    """A JSON-able description of a tool for tracing and cache keys."""
+    try:
+        return convert_to_openai_tool(tool)
+    except Exception:  # noqa: BLE001 - provider-specific tool formats are kept by name
+        return getattr(tool, "name", None) or repr(tool)
+
+
+async def _aiter(items: list) -> AsyncIterator:
+    for item in items:
+        yield item
+
+

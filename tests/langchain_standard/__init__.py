@@ -1,0 +1,1 @@
+"""LangChain integration tests: the ``langchain-tests`` standard suites and shared helpers."""
