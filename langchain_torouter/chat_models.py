@@ -134,8 +134,8 @@ class ChatTORouter(BaseChatModel):
     """Skip experts whose expected cost per query is above this (the cheapest is kept if none fit)."""
 
     route_on: Literal["last_user", "conversation"] = "last_user"
-    """Text the router reads: the latest user message (default, what routers are trained on)
-    or every system and user message of the conversation."""
+    """Text the router reads: the latest user message (default; a shared system prompt cannot
+    drown the question) or every system and user message of the conversation."""
 
     prices: dict[str, float] | None = None
     """Expected cost per query by expert, overriding the costs the router was trained with."""
