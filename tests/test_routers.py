@@ -116,7 +116,7 @@ def test_make_router_rejects_unknown_method_and_params():
 def test_params_and_repr():
     router = make_router("mlp", temperature=5.0, hidden=32)
     params = router.get_params()
-    assert params["temperature"] == 5.0 and params["hidden"] == 32 and params["epochs"] == 100
+    assert params["temperature"] == 5.0 and params["hidden"] == 32 and params["epochs"] == 60
     assert repr(make_router("knn", k=3)).startswith("KNNRouter(k=3, weights='uniform'")
     assert make_router("bert").temperature == 10.0
 

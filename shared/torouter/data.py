@@ -102,7 +102,8 @@ def _fail(where: str, message: str) -> DataError:
     return DataError(f"{where}: {message}")
 
 
-def _check_id_and_prompt(obj: Any, where: str) -> tuple[str, Prompt]:
+def check_id_and_prompt(obj: Any, where: str) -> tuple[str, Prompt]:
+    """Validate the two fields every prompts or routing-data line needs."""
     if not isinstance(obj, dict):
         raise _fail(where, f"expected a JSON object, got {type(obj).__name__}")
     rid = obj.get("id")
@@ -125,7 +126,7 @@ def _check_id_and_prompt(obj: Any, where: str) -> tuple[str, Prompt]:
 
 def validate_record(obj: Any, where: str) -> Record:
     """Check one parsed JSON object against the routing-data format."""
-    rid, prompt = _check_id_and_prompt(obj, where)
+    rid, prompt = check_id_and_prompt(obj, where)
     responses = obj.get("responses")
     if not isinstance(responses, dict) or not responses:
         raise _fail(where, "missing 'responses' (an object mapping expert names to responses)")
@@ -161,7 +162,7 @@ def validate_record(obj: Any, where: str) -> Record:
     )
 
 
-def _iter_objects(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
+def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
     """Parsed JSON objects of a JSONL file with their ``file:line`` location."""
     path = Path(path)
     count = 0
@@ -189,7 +190,7 @@ def _iter_objects(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[Record]:
     """Stream validated routing records from a JSONL file."""
     seen: set[str] = set()
-    for obj, where in _iter_objects(path):
+    for obj, where in iter_json_objects(path):
         record = validate_record(obj, where)
         if record.id in seen:
             raise _fail(where, f"duplicate id {record.id!r}")
@@ -200,8 +201,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[Record]:
 def iter_prompts(path: str | os.PathLike) -> Iterator[tuple[str, Prompt]]:
     """``(id, prompt)`` pairs of a prompts or routing-data JSONL file (responses not needed)."""
     seen: set[str] = set()
-    for obj, where in _iter_objects(path):
-        rid, prompt = _check_id_and_prompt(obj, where)
+    for obj, where in iter_json_objects(path):
+        rid, prompt = check_id_and_prompt(obj, where)
         if rid in seen:
             raise _fail(where, f"duplicate id {rid!r}")
         seen.add(rid)

@@ -33,7 +33,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -288,9 +288,10 @@ class Answer:
     tokens_estimated: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        if not self.tokens_estimated:
-            out.pop("tokens_estimated")
+        out = {"text": self.text, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+               "latency_s": self.latency_s, "nll": self.nll}
+        if self.tokens_estimated:
+            out["tokens_estimated"] = True
         return out
 
 

@@ -150,7 +150,8 @@ def load_model(source: str, gguf_file: str | None, dtype: str = "auto", device: 
 
         hf_logging.disable_progress_bar()
         torch_dtype = _torch_dtype(dtype, device)
-        converted = _converted_dir(source, gguf_file, dtype) if gguf_file and convert_cache else None
+        local_gguf = gguf_file is not None and (Path(source) / gguf_file).is_file()
+        converted = _converted_dir(source, gguf_file, dtype) if local_gguf and convert_cache else None
         if converted is not None and (converted / "config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(converted)
             model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype)
@@ -215,7 +216,10 @@ class HuggingFaceExpert(Expert):
 
     def load(self) -> None:
         """Load the tokenizer and weights (blocking); configuration problems raise ``ManifestError``."""
-        source, gguf_file = resolve_source(self.hf.model, self.hf.gguf_file)
+        try:
+            source, gguf_file = resolve_source(self.hf.model, self.hf.gguf_file)
+        except ManifestError as exc:
+            raise ManifestError(f"expert {self.name!r}: {exc}") from None
         try:
             self.tokenizer, self.model = load_model(source, gguf_file, self.hf.dtype, self.device,
                                                     self.hf.convert_cache)

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..data import (DataError, Prompt, Record, _check_id_and_prompt, _iter_objects, iter_jsonl,
+from ..data import (DataError, Prompt, Record, check_id_and_prompt, iter_json_objects, iter_jsonl,
                     validate_record, write_jsonl)
 from .cache import CallCache, call_key, canonical_hash
 from .experts import Expert, Manifest, build_experts, load_manifest
@@ -44,7 +44,7 @@ class PromptItem:
 
 
 def _item(obj: Any, where: str) -> PromptItem:
-    rid, prompt = _check_id_and_prompt(obj, where)
+    rid, prompt = check_id_and_prompt(obj, where)
     for key in ("reference", "task"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             raise DataError(f"{where}: '{key}' must be a string")
@@ -69,7 +69,7 @@ def prompt_items(rows: Iterable[Mapping[str, Any] | PromptItem], where: str = "p
 def read_prompts(path: str | os.PathLike) -> list[PromptItem]:
     """Prompts from a JSONL file (a routing-data file works too: its responses are ignored)."""
     items, seen = [], set()
-    for obj, where in _iter_objects(path):
+    for obj, where in iter_json_objects(path):
         item = _item(obj, where)
         if item.id in seen:
             raise DataError(f"{where}: duplicate id {item.id!r}")

@@ -15,8 +15,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-
 from ..data import Prompt
 from .cache import CallCache
 from .experts import Expert
@@ -67,16 +65,16 @@ def retry_after(exc: BaseException | None) -> float | None:
 
 @dataclass
 class Backoff:
-    """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**attempt)), at least Retry-After."""
+    """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**(attempt-1))), at least Retry-After."""
 
     base: float = 0.5
     cap: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
 
-    def __call__(self, state: RetryCallState) -> float:
-        ceiling = min(self.cap, self.base * 2 ** (state.attempt_number - 1))
+    def wait(self, attempt: int, exc: BaseException | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        ceiling = min(self.cap, self.base * 2 ** (attempt - 1))
         wait = self.rng.uniform(0, ceiling)
-        exc = state.outcome.exception() if state.outcome is not None else None
         asked = retry_after(exc)
         return max(wait, min(asked, self.cap * 4)) if asked is not None else wait
 
@@ -174,29 +172,31 @@ class Runner:
     async def call(self, expert: Expert, job: Job) -> dict[str, Any]:
         """One call with retries; returns the result to commit (``ok`` true or false)."""
         attempts = 0
-        retrying = AsyncRetrying(stop=stop_after_attempt(expert.retries + 1), wait=self.backoff,
-                                 retry=retry_if_exception(is_transient), reraise=True, sleep=self.sleep)
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    answer = await self._invoke(expert, job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
-            message = expert.redact(f"{type(exc).__name__}: {exc}")[:MAX_ERROR_CHARS]
-            return {"ok": False, "error": message, "attempts": attempts}
-        return {"ok": True, **answer.to_json(), "attempts": attempts}
+        while True:
+            attempts += 1
+            try:
+                answer = await self._invoke(expert, job)
+                return {"ok": True, **answer.to_json(), "attempts": attempts}
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
+                if attempts > expert.retries or not is_transient(exc):
+                    message = expert.redact(f"{type(exc).__name__}: {exc}")[:MAX_ERROR_CHARS]
+                    return {"ok": False, "error": message, "attempts": attempts}
+                await self.sleep(self.backoff.wait(attempts, exc))
 
     async def _invoke(self, expert: Expert, job: Job):
         timeout = expert.timeout_s
         if expert.handles_timeout:
             return await expert.agenerate(job.prompt, job.reference, timeout)
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 return await expert.agenerate(job.prompt, job.reference, timeout)
         except TimeoutError:
-            raise TimeoutError(f"no answer within {timeout:g} s") from None
+            if deadline.expired():
+                raise TimeoutError(f"no answer within {timeout:g} s") from None
+            raise
 
     async def run(self, jobs: Sequence[Job]) -> RunStats:
         by_expert: dict[str, list[Job]] = {name: [] for name in self.experts}

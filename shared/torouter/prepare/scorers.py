@@ -290,10 +290,19 @@ class BertScoreScorer(Scorer):
     def _score(self, answers, references):
         model = self.config.model or DEFAULT_BERTSCORE_MODEL
         layer = bertscore_layer(model, self.config.num_layers)
+        scores = [0.0] * len(answers)
+        # An empty answer scores 0 (what bert-score means to do; its own empty-string path
+        # fails under transformers 5).
+        todo = [i for i, (a, r) in enumerate(zip(answers, references)) if a.strip() and r.strip()]
+        if not todo:
+            return scores
         scorer = _bert_scorer(model, layer, self.config.device or default_device(), self.config.batch_size)
-        _, _, f1 = scorer.score(answers, references, batch_size=self.config.batch_size)
+        _, _, f1 = scorer.score([answers[i] for i in todo], [references[i] for i in todo],
+                                batch_size=self.config.batch_size)
         # F1 is a cosine-based similarity; the routing data wants [0, 1].
-        return [min(1.0, max(0.0, float(v))) for v in f1.tolist()]
+        for i, value in zip(todo, f1.tolist()):
+            scores[i] = min(1.0, max(0.0, float(value)))
+        return scores
 
 
 class CodeScorer(Scorer):
