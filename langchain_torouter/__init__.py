@@ -3,11 +3,13 @@
 ``ChatTORouter`` is a LangChain chat model that sends each request to the expert chat
 model a trained TO-Router picks; ``TORouterRunnable`` routes among arbitrary runnables
 (whole sub-chains per domain). ``ChatRuleBased`` is a deterministic offline chat model
-for tests, examples and benchmarks.
+for tests, examples and benchmarks. ``ChatManifestExpert`` serves the experts of a
+``torouter prepare`` manifest (local Hugging Face models included) as chat models.
 """
 
 from .chat_models import ChatTORouter
+from .manifest import ChatManifestExpert
 from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 
-__all__ = ["ChatRuleBased", "ChatTORouter", "TORouterRunnable"]
+__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterRunnable"]

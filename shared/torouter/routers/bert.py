@@ -137,6 +137,9 @@ class BERTRouter(Router):
     def _set_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any], path: Path) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         model_dir = path / MODEL_DIR
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
