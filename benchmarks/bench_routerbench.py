@@ -159,6 +159,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 _ENCODER_PROBE = """
+import resource
 from torouter.encoders import Encoder
 Encoder().encode(["How many legs does a spider have?"])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -179,6 +180,8 @@ def main() -> None:
     parser.add_argument("--no-bert", action="store_true", help="skip fine-tuning the BERT router (slowest part)")
     parser.add_argument("--bert-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="train only the MLP router (T=10) and measure the routing overhead")
     args = parser.parse_args()
     if not args.data_dir.is_dir():
         sys.exit(f"RouterBench data not found at {args.data_dir}; pass --data-dir")
@@ -194,6 +197,10 @@ def main() -> None:
           "(the encoder reads their head)")
 
     results: list[dict] = []
+    if args.overhead_only:
+        router = make_router("mlp", temperature=10).fit(train, embeddings=x_train)
+        report_overhead(router, test)
+        return
     print("\n| router | AIQ | acc (w=0) | $/query (w=0) | best acc at <= GPT-4 cost | cost to match GPT-4 "
           "| gap closed | fit s |\n|---|---|---|---|---|---|---|---|")
     _, base = fit_eval("best-single", make_router("best-single"), train, test, None, None, results)
@@ -223,8 +230,17 @@ def main() -> None:
     for cells in edge_rows(edge, max_rows=8):
         print("| " + " | ".join(cells) + " |")
 
+    cost, memory = report_overhead(mlp_routers[10], test)
+    if args.out:
+        args.out.write_text(json.dumps({"results": results, "overhead": cost, "memory": memory,
+                                        "best_single": best, "oracle": oracle, "metrics": metrics,
+                                        "edge_to_cloud": edge,
+                                        "knn_validation_aiq": k_scores, "encode_s": encode_s}, indent=2))
+
+
+def report_overhead(router, test: RoutingDataset) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        router_dir = mlp_routers[10].save(Path(tmp) / "mlp")
+        router_dir = router.save(Path(tmp) / "mlp")
         cost = overhead(router_dir, test.texts())
         memory = peak_memory_mb(router_dir)
     print("\nrouting overhead (MLP router, T=10) against the bare encoder on the same prompts:")
@@ -236,11 +252,7 @@ def main() -> None:
           f"({cost['batch_ratio']:.2f}x)")
     print(f"  peak RSS: loaded MLP router {memory['router_peak_mb']:.0f} MB vs encoder alone "
           f"{memory['encoder_peak_mb']:.0f} MB")
-    if args.out:
-        args.out.write_text(json.dumps({"results": results, "overhead": cost, "memory": memory,
-                                        "best_single": best, "oracle": oracle, "metrics": metrics,
-                                        "edge_to_cloud": edge,
-                                        "knn_validation_aiq": k_scores, "encode_s": encode_s}, indent=2))
+    return cost, memory
 
 
 if __name__ == "__main__":

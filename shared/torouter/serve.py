@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import importlib
 import ipaddress
 import json
 import logging
@@ -47,19 +46,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .credentials import MissingEnvironmentVariable, Redactor, hide_secrets, import_object, reveal
 
 logger = logging.getLogger("torouter.serve")
 
 DEFAULT_NAME = "torouter"
 """Model id that lets the router decide (a configured ``name`` is accepted as well)."""
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_SECRET_KEY = re.compile(r"(?i)(^|_)(api_?key|key|secret|password|passwd|token|access_token|credentials?)$")
-_SECRET_ENV = re.compile(r"(?i)(API_?KEY|TOKEN|SECRET|PASSWORD)$")
-# Key-like strings that provider error messages sometimes echo back.
-_KEY_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{16,}|(?i:bearer)\s+[A-Za-z0-9_\-.=]{8,})")
 _FINISH_REASONS = {
     "stop": "stop", "end_turn": "stop", "stop_sequence": "stop", "eos": "stop", "STOP": "stop",
     "length": "length", "max_tokens": "length", "MAX_TOKENS": "length",
@@ -77,17 +73,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-def _hide_secrets(value: Any, key: str = "") -> Any:
-    """Wrap credential-looking values (``api_key``, ``token``, ...) in ``SecretStr`` so reprs hide them."""
-    if isinstance(value, Mapping):
-        return {k: _hide_secrets(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_hide_secrets(v, key) for v in value]
-    if isinstance(value, str) and _SECRET_KEY.search(key):
-        return SecretStr(value)
-    return value
 
 
 class ExpertConfig(_Strict):
@@ -109,7 +94,7 @@ class ExpertConfig(_Strict):
             return {}
         if not isinstance(value, Mapping):
             raise ValueError("kwargs must be a mapping of constructor arguments")
-        return _hide_secrets(value)
+        return hide_secrets(value)
 
     @model_validator(mode="after")
     def _one_builder(self) -> ExpertConfig:
@@ -211,68 +196,21 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
     return config
 
 
-class _Redactor:
-    """Masks every credential the server knows of (and key-like strings) in text bound for clients or logs."""
-
-    def __init__(self, secrets: list[str] | None = None):
-        self._secrets = [s for s in (secrets or []) if s]
-
-    def add(self, secret: str) -> None:
-        if secret:
-            self._secrets.append(secret)
-
-    def __call__(self, text: str) -> str:
-        environment = [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6]
-        for secret in sorted(set(self._secrets + environment), key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return _KEY_PATTERNS.sub("***", text)
-
-    def __repr__(self) -> str:
-        return f"_Redactor({len(self._secrets)} secrets)"
-
-
-def _reveal(value: Any, where: str, redactor: _Redactor) -> Any:
-    """Constructor kwargs with secrets unwrapped and ``${VAR}`` read from the environment."""
-    if isinstance(value, Mapping):
-        return {k: _reveal(v, f"{where}.{k}", redactor) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_reveal(v, f"{where}[{i}]", redactor) for i, v in enumerate(value)]
-    if isinstance(value, SecretStr):
-        revealed = _reveal(value.get_secret_value(), where, redactor)
-        redactor.add(revealed)
-        return revealed
-    if isinstance(value, str) and _ENV_REF.search(value):
-        def lookup(match: re.Match) -> str:
-            var = match.group(1)
-            if var not in os.environ:
-                raise ConfigError(f"{where}: environment variable {var} is not set")
-            if _SECRET_ENV.search(var):  # values under credential-like keys are added above
-                redactor.add(os.environ[var])
-            return os.environ[var]
-        return _ENV_REF.sub(lookup, value)
-    return value
-
-
 def _import_object(path: str, where: str) -> Any:
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(f"{where}: {path!r} is not an import path like 'package.module:Class'")
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        return import_object(path)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{where}: cannot import {path!r}: {exc}") from None
-    return obj
 
 
-def _build_expert(name: str, spec: ExpertConfig, redactor: _Redactor) -> Any:
+def _build_expert(name: str, spec: ExpertConfig, redactor: Redactor) -> Any:
     from langchain_core.language_models import BaseChatModel
 
     where = f"experts.{name}"
-    kwargs = _reveal(spec.kwargs, f"{where}.kwargs", redactor)
+    try:
+        kwargs = reveal(spec.kwargs, redactor, f"{where}.kwargs")
+    except MissingEnvironmentVariable as exc:
+        raise ConfigError(str(exc)) from None
     if spec.model is not None:
         try:
             from langchain.chat_models import init_chat_model
@@ -295,7 +233,7 @@ def _build_expert(name: str, spec: ExpertConfig, redactor: _Redactor) -> Any:
     return expert
 
 
-def _build(config: ServeConfig, redactor: _Redactor) -> Any:
+def _build(config: ServeConfig, redactor: Redactor) -> Any:
     from langchain_torouter import ChatTORouter
 
     from .routers import RouterFileError, load_router
@@ -323,7 +261,7 @@ def build_chat_model(config: ServeConfig | str | os.PathLike) -> Any:
     """The ``ChatTORouter`` a config describes (experts built, router loaded)."""
     if not isinstance(config, ServeConfig):
         config = load_config(config)
-    return _build(config, _Redactor())
+    return _build(config, Redactor())
 
 
 def _auth_token(auth: AuthConfig) -> str:
@@ -549,7 +487,7 @@ class _RoutingBatcher:
 class _Service:
     """Request handling for one ``ChatTORouter``; ``create_app`` wires it to routes."""
 
-    def __init__(self, chat_model: Any, name: str, limits: Limits, token: str | None, redactor: _Redactor):
+    def __init__(self, chat_model: Any, name: str, limits: Limits, token: str | None, redactor: Redactor):
         self.chat_model = chat_model
         self.router = _RoutingBatcher(chat_model.controller)
         self.name = name
@@ -779,7 +717,7 @@ def create_app(config_or_chat_model: Any, *, token: str | None = None, limits: L
     """
     from langchain_torouter import ChatTORouter
 
-    redactor = _Redactor()
+    redactor = Redactor()
     if isinstance(config_or_chat_model, (str, os.PathLike)):
         config_or_chat_model = load_config(config_or_chat_model)
     if isinstance(config_or_chat_model, ServeConfig):

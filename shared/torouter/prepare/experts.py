@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import inspect
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,19 +36,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..credentials import MissingEnvironmentVariable, Redactor, hide_secrets, import_object, reveal
 from ..data import Prompt, content_text, prompt_text
 
 # Bumped when the way prompts are rendered for an expert changes, so cached answers
 # produced the old way are not reused.
 FORMAT_VERSION = 1
 
-_SECRET_KEY = re.compile(r"(?i)(^|_)(api_?key|key|secret|password|passwd|token|access_token|credentials?)$")
-_SECRET_ENV = re.compile(r"(?i)(API_?KEY|TOKEN|SECRET|PASSWORD)$")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Key-like strings that may show up in provider error messages.
-_KEY_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{16,}|(?i:bearer)\s+[A-Za-z0-9_\-.=]{8,})")
 
 
 class ManifestError(ValueError):
@@ -86,17 +80,6 @@ class Generation(_Strict):
     system_prompt: str | None = None
 
 
-def _secret_kwargs(value: Any, key: str = "") -> Any:
-    """Wrap credential-looking string values (recursively) in ``SecretStr``."""
-    if isinstance(value, Mapping):
-        return {k: _secret_kwargs(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_secret_kwargs(v, key) for v in value]
-    if isinstance(value, str) and _SECRET_KEY.search(key):
-        return SecretStr(value)
-    return value
-
-
 class _WithKwargs(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -107,7 +90,7 @@ class _WithKwargs(_Strict):
             return {}
         if not isinstance(value, Mapping):
             raise ValueError("kwargs must be a mapping")
-        return _secret_kwargs(value)
+        return hide_secrets(value)
 
 
 class HuggingFaceSpec(_Strict):
@@ -295,24 +278,6 @@ class Answer:
         return out
 
 
-def import_object(path: str) -> Any:
-    """``package.module.Name`` or ``package.module:Name``."""
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ImportError(f"{path!r} is not an import path like 'package.module.Name'")
-    module = importlib.import_module(module_name)
-    obj = module
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _environment_secrets() -> list[str]:
-    return [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6]
-
-
 def to_messages(prompt: Prompt, system_prompt: str | None = None) -> list[dict[str, str]]:
     """The prompt as ``{role, content}`` messages with text content (roles normalised)."""
     roles = {"human": "user", "ai": "assistant"}
@@ -352,7 +317,7 @@ class Expert:
     def __init__(self, spec: ExpertSpec):
         self.spec = spec
         self.name = spec.name
-        self._secrets: list[str] = []
+        self._redactor = Redactor()
 
     @property
     def _builder(self) -> Any:
@@ -394,29 +359,14 @@ class Expert:
 
     def redact(self, text: str) -> str:
         """``text`` with every credential this expert knows of masked."""
-        for secret in sorted(set(self._secrets + _environment_secrets()), key=len, reverse=True):
-            if secret:
-                text = text.replace(secret, "***")
-        return _KEY_PATTERNS.sub("***", text)
+        return self._redactor(text)
 
     def _reveal(self, value: Any) -> Any:
         """Kwargs ready for a constructor: secrets unwrapped, ``${VAR}`` read from the environment."""
-        if isinstance(value, Mapping):
-            return {k: self._reveal(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._reveal(v) for v in value]
-        if isinstance(value, SecretStr):
-            revealed = self._reveal(value.get_secret_value())
-            self._secrets.append(revealed)
-            return revealed
-        if isinstance(value, str) and _ENV_REF.search(value):
-            def lookup(match):
-                var = match.group(1)
-                if var not in os.environ:
-                    raise ManifestError(f"expert {self.name!r}: environment variable {var} is not set")
-                return os.environ[var]
-            return _ENV_REF.sub(lookup, value)
-        return value
+        try:
+            return reveal(value, self._redactor)
+        except MissingEnvironmentVariable as exc:
+            raise ManifestError(f"expert {self.name!r}: environment variable {exc.var} is not set") from None
 
     def _build(self, factory, kwargs: dict[str, Any], what: str):
         try:
