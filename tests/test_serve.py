@@ -705,3 +705,43 @@ def test_cli_serves_and_drains_in_flight_requests_on_sigterm(router_dir, tmp_pat
     assert reply.choices[0].message.content == "The answer is 42." and reply.model == "med-7b"
     assert process.returncode in (0, -signal.SIGTERM), output
     assert TOKEN not in output and "Traceback" not in output
+
+
+# --- experts from a prepare manifest ----------------------------------------------------------
+
+def test_manifest_experts_are_served(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from torouter.data import Record, RoutingDataset
+    from torouter.routers import make_router
+    from torouter.serve import create_app, load_config
+
+    (tmp_path / "serve_manifest_experts.py").write_text(
+        "def arithmetic(prompt):\n    return {'text': '8', 'input_tokens': 5, 'output_tokens': 1}\n"
+        "def prose(prompt):\n    return 'a long explanation'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "experts.yaml").write_text(
+        "experts:\n"
+        "  - {name: arith, tier: edge, python: {callable: 'serve_manifest_experts:arithmetic'}, price: {per_call: 0.001}}\n"
+        "  - {name: prose, tier: cloud, python: {callable: 'serve_manifest_experts:prose'}, price: {per_call: 0.01}}\n")
+    records = [Record(f"r{i}", q, {"arith": {"score": float(a), "cost": 0.001}, "prose": {"score": float(not a), "cost": 0.01}})
+               for i, (q, a) in enumerate([("What is 3 + 5?", True), ("What is 9 - 2?", True),
+                                           ("Explain how tides form.", False), ("Explain inflation.", False)])]
+    make_router("knn", k=1).fit(RoutingDataset(records)).save(tmp_path / "router")
+    (tmp_path / "router.yaml").write_text("router: router\nmanifest: experts.yaml\n")
+    client = TestClient(create_app(load_config(tmp_path / "router.yaml")))
+    reply = client.post("/v1/chat/completions", json={"model": "torouter",
+                                                      "messages": [{"role": "user", "content": "What is 4 + 4?"}]})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == "arith" and body["choices"][0]["message"]["content"] == "8"
+    assert body["torouter"]["expert"] == "arith"
+    assert body["usage"]["prompt_tokens"] == 5
+
+
+def test_config_needs_experts_or_manifest(tmp_path):
+    from torouter.serve import ConfigError, load_config
+
+    (tmp_path / "router.yaml").write_text("router: router\n")
+    with pytest.raises(ConfigError, match="experts: .* or manifest:"):
+        load_config(tmp_path / "router.yaml")

@@ -131,7 +131,13 @@ class ServeConfig(_Strict):
     router: Path
     """Saved router directory (relative paths resolve against the config file's folder)."""
 
-    experts: dict[str, ExpertConfig] = Field(min_length=1)
+    experts: dict[str, ExpertConfig] = Field(default_factory=dict)
+    """LangChain chat models by expert name."""
+
+    manifest: Path | None = None
+    """An experts manifest of ``torouter prepare`` (relative to this file): its experts, local
+    Hugging Face models included, are served as they were when the routing data was made."""
+
     cost_weight: float = Field(0.0, ge=0.0)
     max_cost: float | None = Field(None, ge=0.0)
     route_on: Literal["last_user", "conversation"] = "last_user"
@@ -142,6 +148,8 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _names(self) -> ServeConfig:
+        if not self.experts and self.manifest is None:
+            raise ValueError("give experts: (LangChain chat models) or manifest: (an experts.yaml), or both")
         for reserved in {self.name, DEFAULT_NAME}:
             if reserved in self.experts:
                 raise ValueError(f"expert name {reserved!r} is the router's own model id; rename the expert")
@@ -193,6 +201,8 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         raise ConfigError(f"{path}: {_describe(exc)}") from None
     if not config.router.is_absolute():
         config = config.model_copy(update={"router": (path.parent / config.router).resolve()})
+    if config.manifest is not None and not config.manifest.is_absolute():
+        config = config.model_copy(update={"manifest": (path.parent / config.manifest).resolve()})
     return config
 
 
@@ -239,6 +249,8 @@ def _build(config: ServeConfig, redactor: Redactor) -> Any:
     from .routers import RouterFileError, load_router
 
     experts = {name: _build_expert(name, spec, redactor) for name, spec in config.experts.items()}
+    if config.manifest is not None:
+        experts.update(_manifest_experts(config.manifest, set(experts)))
     if not config.router.exists():
         raise ConfigError(f"router: no saved router at {config.router}")
     try:
@@ -255,6 +267,26 @@ def _build(config: ServeConfig, redactor: Redactor) -> Any:
         raise ConfigError(problems) from None
     except ValueError as exc:
         raise ConfigError(f"experts: {exc}") from None
+
+
+def _manifest_experts(path: Path, taken: set[str]) -> dict[str, Any]:
+    from langchain_torouter import ChatManifestExpert
+
+    try:
+        from .prepare import ManifestError
+    except ImportError:
+        raise ConfigError("manifest: serving manifest experts needs the prepare extra: "
+                          "pip install 'torouter[prepare]'") from None
+    try:
+        experts = ChatManifestExpert.from_manifest(path)
+    except ManifestError as exc:
+        raise ConfigError(f"manifest: {exc}") from None
+    clash = taken & set(experts)
+    if clash:
+        raise ConfigError(f"manifest: experts {sorted(clash)} are also listed under experts:")
+    for name in {DEFAULT_NAME} & set(experts):
+        raise ConfigError(f"manifest: expert name {name!r} is the router's own model id; rename the expert")
+    return experts
 
 
 def build_chat_model(config: ServeConfig | str | os.PathLike) -> Any:
