@@ -33,6 +33,8 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
+
+from torouter.data import content_text
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
@@ -59,16 +61,7 @@ _FORCING = ("any", "required", True)
 
 def _text(message: BaseMessage) -> str:
     """The text parts of a message (content blocks that are not text are skipped)."""
-    content = message.content
-    if isinstance(content, str):
-        return content
-    parts = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-    return "\n".join(p for p in parts if p)
+    return content_text(message.content)
 
 
 def _stem(word: str) -> str:
