@@ -261,7 +261,7 @@ def plot(report: dict[str, Any], path: str | Path, title: str | None = None) -> 
     ax.set_ylabel("mean score")
     ax.set_title(title or f"cost vs quality on {report['n']} held-out prompts")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
