@@ -80,9 +80,7 @@ class Controller:
     def decide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
                cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
         """Rank the (allowed) experts for ``prompt``; ``Decision.ranking`` is the fallback order."""
-        text = self.text(prompt)
-        quality = self.router.predict([text])[0]
-        return self._decision(text, quality, allowed, cost_weight, max_cost)
+        return self.decide_many([prompt], allowed, cost_weight, max_cost)[0]
 
     async def adecide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
                       cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
