@@ -82,9 +82,9 @@ def attempt_config(callbacks: Any, decision: Decision, expert: str, forced: bool
     return config
 
 
-def child_callbacks(run_manager: BaseRunManager) -> CallbackManager:
+def child_callbacks(run_manager: BaseRunManager, manager_cls: type = CallbackManager):
     """What ``get_child`` gives a chain run, for a chat-model run (which has no ``get_child``)."""
-    manager = CallbackManager(handlers=[], parent_run_id=run_manager.run_id)
+    manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
     manager.set_handlers(run_manager.inheritable_handlers)
     manager.add_tags(run_manager.inheritable_tags)
     manager.add_metadata(run_manager.inheritable_metadata)
@@ -92,11 +92,7 @@ def child_callbacks(run_manager: BaseRunManager) -> CallbackManager:
 
 
 def achild_callbacks(run_manager: BaseRunManager) -> AsyncCallbackManager:
-    manager = AsyncCallbackManager(handlers=[], parent_run_id=run_manager.run_id)
-    manager.set_handlers(run_manager.inheritable_handlers)
-    manager.add_tags(run_manager.inheritable_tags)
-    manager.add_metadata(run_manager.inheritable_metadata)
-    return manager
+    return child_callbacks(run_manager, AsyncCallbackManager)
 
 
 @contextlib.contextmanager
