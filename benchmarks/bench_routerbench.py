@@ -35,6 +35,7 @@ from torouter.routers import make_router  # noqa: E402
 TASKS = ("arc_challenge", "mbpp", "winogrande")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
 K_GRID = (1, 3, 5, 10, 20, 40, 80)
+CLUSTER_GRID = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 TEMPERATURES = (1, 5, 10, 20, 50)
 
 
@@ -87,16 +88,45 @@ def task_ceiling(train, test, results):
     print(format_row(results[-1]), flush=True)
 
 
-def tune_k(train: RoutingDataset, x_train: np.ndarray) -> tuple[int, dict[int, float]]:
-    """Pick k by AIQ on a held-out fifth of the training data (never the test set)."""
+def tune(method: str, param: str, grid, train: RoutingDataset, x_train: np.ndarray) -> tuple[int, dict[int, float]]:
+    """Pick ``param`` by AIQ on a held-out fifth of the training data (never the test set)."""
     order = np.random.default_rng(0).permutation(len(train))
     val, fit = sorted(order[: len(order) // 5]), sorted(order[len(order) // 5:])
     fit_set, val_set = train.subset(fit), train.subset(val)
     scores = {}
-    for k in K_GRID:
-        router = make_router("knn", k=k).fit(fit_set, embeddings=x_train[fit])
-        scores[k] = evaluate(router, val_set, quality=router.predict_embeddings(x_train[val]))["metrics"]["aiq"]
+    for value in grid:
+        router = make_router(method, **{param: value}).fit(fit_set, embeddings=x_train[fit])
+        scores[value] = evaluate(router, val_set, quality=router.predict_embeddings(x_train[val]))["metrics"]["aiq"]
     return max(scores, key=scores.get), scores
+
+
+def difficulty_ceiling(train, test, results):
+    """Routing on each test prompt's true difficulty: a ceiling no prompt-only router can pass on difficulty alone.
+
+    Difficulty is the share of all experts that answered the prompt correctly; per task and
+    expert a logistic regression (fitted on the training prompts) maps it to that expert's
+    chance of being right. It reads the test labels, and each expert's own answer leaks into
+    its difficulty, so it flatters itself: an upper bound for difficulty-aware routing.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    def difficulty(data):
+        return np.nanmean(data.scores, axis=1)[:, None]
+
+    train_tasks = np.array([r.task for r in train.records])
+    test_tasks = np.array([r.task for r in test.records])
+    d_train, d_test = difficulty(train), difficulty(test)
+    quality = np.zeros(test.scores.shape)
+    for task in set(test_tasks):
+        rows, target = train_tasks == task, test_tasks == task
+        for j in range(len(train.experts)):
+            seen = rows & train.mask[:, j]
+            model = LogisticRegression(C=10.0).fit(d_train[seen], train.scores[seen, j] > 0.5)
+            quality[target, j] = model.predict_proba(d_test[target])[:, 1]
+    reference = make_router("best-single").fit(train)
+    report = evaluate(reference, test, quality=quality)
+    results.append(row("difficulty ceiling (reads test labels)", report))
+    print(format_row(results[-1]), flush=True)
 
 
 def sklearn_baseline(train, test, x_train, x_test, results):
@@ -208,9 +238,13 @@ def main() -> None:
     best, oracle = base["best_single"], base["oracle"]
     sklearn_baseline(train, test, x_train, x_test, results)
     task_ceiling(train, test, results)
+    difficulty_ceiling(train, test, results)
     fit_eval("knn k=1 (paper's 1NN)", make_router("knn", k=1), train, test, x_train, x_test, results)
-    k, k_scores = tune_k(train, x_train)
+    k, k_scores = tune("knn", "k", K_GRID, train, x_train)
     fit_eval(f"knn k={k} (tuned on a train split)", make_router("knn", k=k), train, test, x_train, x_test, results)
+    clusters, cluster_scores = tune("cluster", "n_clusters", CLUSTER_GRID, train, x_train)
+    fit_eval(f"cluster n_clusters={clusters} (tuned on a train split)", make_router("cluster", n_clusters=clusters),
+             train, test, x_train, x_test, results)
     mlp_routers = {}
     for t in TEMPERATURES:
         mlp_routers[t], _ = fit_eval(f"mlp T={t}", make_router("mlp", temperature=t), train, test,
@@ -223,6 +257,7 @@ def main() -> None:
           f"oracle {oracle['score']:.3f} at ${oracle['cost']:.2e}; single experts' hull AIQ "
           f"{metrics['aiq_experts']:.4f}")
     print(f"knn validation AIQ by k: {k_scores}")
+    print(f"cluster validation AIQ by n_clusters: {cluster_scores}")
 
     edge = edge_cloud_report(mlp_routers[10], test, quality=mlp_routers[10].predict_embeddings(x_test))
     print(f"\nedge-to-cloud with the MLP router (T=10), edge = the cheapest model ({edge['edge']}):")
@@ -235,7 +270,8 @@ def main() -> None:
         args.out.write_text(json.dumps({"results": results, "overhead": cost, "memory": memory,
                                         "best_single": best, "oracle": oracle, "metrics": metrics,
                                         "edge_to_cloud": edge,
-                                        "knn_validation_aiq": k_scores, "encode_s": encode_s}, indent=2))
+                                        "knn_validation_aiq": k_scores,
+                                        "cluster_validation_aiq": cluster_scores, "encode_s": encode_s}, indent=2))
 
 
 def report_overhead(router, test: RoutingDataset) -> tuple[dict, dict]:

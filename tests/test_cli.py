@@ -198,6 +198,18 @@ def test_train_rejects_option_the_method_does_not_use(dataset, tmp_path):
     assert "router 'mlp' does not use --k" in output
     output = fails("train", dataset[0], "--method", "knn", "--epochs", 3, "--out", tmp_path / "r")
     assert "does not use --epochs" in output
+    output = fails("train", dataset[0], "--method", "knn", "--clusters", 3, "--out", tmp_path / "r")
+    assert "router 'knn' does not use --clusters" in output
+
+
+def test_train_cluster_router_then_route(dataset, tmp_path):
+    out = tmp_path / "cluster"
+    result = ok("train", dataset[0], "--method", "cluster", "--clusters", 3, "--out", out)
+    assert "trained cluster router on 36 prompts" in result.output and "cluster_sizes=" in result.output
+    assert json.loads((out / "torouter.json").read_text())["params"]["n_clusters"] == 3
+    routes = tmp_path / "routes.jsonl"
+    ok("route", out, dataset[1], "--out", routes, "--cost-weight", 0.0)
+    assert len(routes.read_text().splitlines()) == 12
 
 
 def test_route_with_missing_router_dir(dataset, tmp_path):

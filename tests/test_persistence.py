@@ -45,6 +45,7 @@ SPECS = {
     "oracle": ("oracle", {}),
     "knn1": ("knn", {"k": 1}),
     "knn3-distance": ("knn", {"k": 3, "weights": "distance"}),
+    "cluster": ("cluster", {"n_clusters": 3}),
     "mlp": ("mlp", {"epochs": 5, "hidden": 32}),
 }
 
@@ -52,7 +53,7 @@ SPECS = {
 def _fit(name, data, embeddings):
     method, params = SPECS[name]
     router = make_router(method, **params)
-    if method in ("knn", "mlp"):
+    if method in ("knn", "cluster", "mlp"):
         return router.fit(data, embeddings=embeddings)
     return router.fit(data)
 

@@ -14,6 +14,7 @@ from torouter.policy import choose
 from torouter.routers import (
     ROUTERS,
     BERTRouter,
+    ClusterRouter,
     KNNRouter,
     MLPRouter,
     NotFittedError,
@@ -59,6 +60,11 @@ def knn5(train_set, train_embeddings):
 
 
 @pytest.fixture(scope="session")
+def cluster(train_set, train_embeddings):
+    return make_router("cluster", n_clusters=4).fit(train_set, embeddings=train_embeddings)
+
+
+@pytest.fixture(scope="session")
 def mlp(train_set, train_embeddings):
     return make_router("mlp", epochs=30).fit(train_set, embeddings=train_embeddings)
 
@@ -76,13 +82,14 @@ def bert(bert_data):
 
 
 @pytest.fixture(scope="session")
-def fitted(train_set, knn1, knn5, mlp):
+def fitted(train_set, knn1, knn5, cluster, mlp):
     return {
         "random": make_router("random", seed=0).fit(train_set),
         "best-single": make_router("best-single").fit(train_set),
         "oracle": make_router("oracle").fit(train_set),
         "knn1": knn1,
         "knn5": knn5,
+        "cluster": cluster,
         "mlp": mlp,
     }
 
@@ -100,8 +107,9 @@ def _unique_training_prompt(dataset):
 # --- registry and parameters ----------------------------------------------------------------
 
 def test_registry_names_every_router():
-    assert set(ROUTERS) == {"random", "best-single", "oracle", "knn", "mlp", "bert"}
+    assert set(ROUTERS) == {"random", "best-single", "oracle", "knn", "cluster", "mlp", "bert"}
     assert get_router_class("knn") is KNNRouter
+    assert get_router_class("cluster") is ClusterRouter
     for method, cls in ROUTERS.items():
         assert cls.method == method
 
@@ -140,7 +148,7 @@ def test_fit_rejects_expert_never_observed(train_set):
 
 # --- shapes ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["random", "best-single", "oracle", "knn1", "knn5", "mlp"])
+@pytest.mark.parametrize("name", ["random", "best-single", "oracle", "knn1", "knn5", "cluster", "mlp"])
 def test_predict_shape(fitted, train_set, test_set, name):
     router = fitted[name]
     assert router.experts_ == EXPERTS
@@ -207,7 +215,7 @@ def test_oracle_keeps_unobserved_as_nan():
 
 # --- learned routers beat random --------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["knn1", "knn5", "mlp"])
+@pytest.mark.parametrize("name", ["knn1", "knn5", "cluster", "mlp"])
 def test_learned_router_beats_random_on_held_out_data(fitted, test_set, name):
     router = fitted[name]
     costs = router.costs()
@@ -287,6 +295,48 @@ def test_knn_distance_weights_by_hand(partial):
 def test_knn_rejects_bad_params(partial, params, message):
     with pytest.raises(ValueError, match=message):
         make_router("knn", **params).fit(partial)
+
+
+# --- cluster --------------------------------------------------------------------------------
+
+def _two_groups():
+    """Four prompts in two obvious groups; e2 is unobserved on one 'cook' prompt."""
+    code = {"e1": {"score": 1.0, "cost": 1.0}, "e2": {"score": 0.0, "cost": 2.0}}
+    return RoutingDataset([
+        Record("c1", "code", code), Record("c2", "code", code),
+        Record("k1", "cook", {"e1": {"score": 0.0, "cost": 1.0}, "e2": {"score": 1.0, "cost": 2.0}}),
+        Record("k2", "cook", {"e1": {"score": 0.5, "cost": 1.0}}),
+    ])
+
+
+def test_cluster_estimates_are_shrunk_cluster_means_by_hand():
+    data = _two_groups()
+    x = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    router = make_router("cluster", n_clusters=2, prior=1.0).fit(data, embeddings=x)
+    q = router.predict_embeddings(np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32))
+    overall = data.mean_scores()  # e1: 2.5 / 4 observed, e2: 1 / 3
+    np.testing.assert_allclose(overall, [0.625, 1 / 3])
+    # code cluster: e1 (2 + .625) / (2 + 1), e2 (0 + 1/3) / (2 + 1)
+    # cook cluster: e1 (.5 + .625) / (2 + 1), e2 (1 + 1/3) / (1 + 1): one observation there
+    np.testing.assert_allclose(q[0], [2.625 / 3, 1 / 9], rtol=1e-6)
+    np.testing.assert_allclose(q[1], [1.125 / 3, 2 / 3], rtol=1e-6)
+    assert sorted(router.fit_info_["cluster_sizes"]) == [2, 2]
+    exact = make_router("cluster", n_clusters=2, prior=0.0).fit(data, embeddings=x)
+    np.testing.assert_allclose(exact.predict_embeddings(x[[0, 2]]), [[1.0, 0.0], [0.25, 1.0]])
+
+
+def test_cluster_caps_clusters_at_distinct_prompts():
+    data = _two_groups()
+    x = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    router = make_router("cluster", n_clusters=50).fit(data, embeddings=x)
+    assert router.centroids_.shape == (2, 2)
+
+
+@pytest.mark.parametrize("params, message", [({"n_clusters": 0}, "n_clusters must be >= 1"),
+                                             ({"prior": -1.0}, "prior must be >= 0")])
+def test_cluster_rejects_bad_params(params, message):
+    with pytest.raises(ValueError, match=message):
+        make_router("cluster", **params).fit(_two_groups(), embeddings=np.eye(4, dtype=np.float32))
 
 
 def test_embedding_router_counts_truncated_prompts(partial):

@@ -39,11 +39,12 @@ def _load_router(path: Path):
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="Routing data (JSONL)."),
-    method: str = typer.Option("mlp", help="Router: knn, mlp or bert (also random, best-single)."),
+    method: str = typer.Option("mlp", help="Router: knn, cluster, mlp or bert (also random, best-single)."),
     out: Path = typer.Option(..., help="Directory to save the trained router in."),
     temperature: Optional[float] = typer.Option(None, help="Soft-label temperature T (mlp, bert; default 10)."),
     encoder: Optional[str] = typer.Option(None, help="Sentence encoder / BERT model id or path (default MiniLM)."),
     k: Optional[int] = typer.Option(None, help="Neighbours for knn (default 1)."),
+    clusters: Optional[int] = typer.Option(None, help="k-means clusters for cluster (default 8)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (mlp, bert)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
@@ -55,12 +56,13 @@ def train(
         cls = get_router_class(method)
     except ValueError as exc:
         _fail(str(exc))
-    given = {"temperature": temperature, "encoder": encoder, "k": k, "epochs": epochs, "seed": seed,
-             "device": device}
+    given = {"temperature": temperature, "encoder": encoder, "k": k, "n_clusters": clusters, "epochs": epochs,
+             "seed": seed, "device": device}
     given = {key: value for key, value in given.items() if value is not None}
     unused = sorted(set(given) - set(cls._param_names()))
     if unused:
-        _fail(f"router {method!r} does not use {', '.join('--' + u for u in unused)}")
+        flags = {"n_clusters": "clusters"}
+        _fail(f"router {method!r} does not use {', '.join('--' + flags.get(u, u) for u in unused)}")
     dataset = _load_dataset(data)
     router = make_router(method, **given)
     try:

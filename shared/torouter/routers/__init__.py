@@ -5,12 +5,13 @@ from __future__ import annotations
 from .base import NotFittedError, Router, RouterFileError
 from .baselines import BestSingleRouter, OracleRouter, RandomRouter
 from .bert import BERTRouter
+from .cluster import ClusterRouter
 from .knn import KNNRouter
 from .mlp import MLPRouter
 
 ROUTERS: dict[str, type[Router]] = {
     cls.method: cls
-    for cls in (RandomRouter, BestSingleRouter, OracleRouter, KNNRouter, MLPRouter, BERTRouter)
+    for cls in (RandomRouter, BestSingleRouter, OracleRouter, KNNRouter, ClusterRouter, MLPRouter, BERTRouter)
 }
 
 
@@ -35,4 +36,4 @@ def load_router(path) -> Router:
 
 __all__ = ["ROUTERS", "Router", "RouterFileError", "NotFittedError", "make_router", "load_router",
            "get_router_class", "RandomRouter", "BestSingleRouter", "OracleRouter", "KNNRouter",
-           "MLPRouter", "BERTRouter"]
+           "ClusterRouter", "MLPRouter", "BERTRouter"]
