@@ -325,6 +325,16 @@ def test_cluster_estimates_are_shrunk_cluster_means_by_hand():
     np.testing.assert_allclose(exact.predict_embeddings(x[[0, 2]]), [[1.0, 0.0], [0.25, 1.0]])
 
 
+def test_cluster_without_prior_falls_back_to_overall_mean_where_an_expert_is_unobserved():
+    data = RoutingDataset([
+        Record("c1", "code", {"e1": {"score": 1.0, "cost": 1.0}, "e2": {"score": 0.2, "cost": 2.0}}),
+        Record("k1", "cook", {"e1": {"score": 0.0, "cost": 1.0}}),
+    ])
+    x = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    router = make_router("cluster", n_clusters=2, prior=0.0).fit(data, embeddings=x)
+    np.testing.assert_allclose(router.predict_embeddings(x), [[1.0, 0.2], [0.0, 0.2]])
+
+
 def test_cluster_caps_clusters_at_distinct_prompts():
     data = _two_groups()
     x = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
