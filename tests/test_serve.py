@@ -207,6 +207,29 @@ def test_router_name_and_forced_expert(client):
     assert reply.choices[0].message.content == "The answer is 84."
 
 
+def test_request_overrides_cost_weight_and_max_cost(client, chat):
+    controller = chat.controller
+    questions = ["What is 12 times 7?", "What is the capital of Peru?",
+                 "What is the mechanism of action of metformin?", "Write a Python function that reverses a string."]
+    changed = 0
+    for question in questions:
+        reply = client.chat.completions.create(model="torouter", messages=ask(question),
+                                               extra_body={"torouter": {"cost_weight": 0}})
+        routed = reply.model_extra["torouter"]
+        expected = controller.decide(question, cost_weight=0.0).expert
+        assert routed["cost_weight"] == 0.0 and reply.model == routed["chosen"] == expected
+        changed += expected != controller.decide(question).expert  # the server's own cost_weight is 50
+    assert changed >= 1  # the override really changed where some question went
+
+    costs = controller.router.expert_costs_
+    cheapest = min(costs, key=costs.get)
+    question = "What is the mechanism of action of metformin?"
+    reply = client.chat.completions.create(model="torouter", messages=ask(question),
+                                           extra_body={"torouter": {"cost_weight": 0, "max_cost": costs[cheapest]}})
+    routed = reply.model_extra["torouter"]
+    assert reply.model == cheapest and routed["max_cost"] == costs[cheapest] and routed["ranking"] == [cheapest]
+
+
 def test_streaming_is_token_by_token_with_the_decision_first(client, chat):
     question = "What is the mechanism of action of metformin?"
     messages = [{"role": "system", "content": "Metformin lowers blood glucose mainly by reducing hepatic "
@@ -321,6 +344,13 @@ def test_wrong_or_missing_token_is_401(server):
     ({"model": "torouter", "messages": ask("hi"), "tools": [{"type": "function", "function": {"name": "f"}}]},
      400, "unsupported_parameter", "tools"),
     ({"model": "torouter", "messages": ask("hi"), "n": 2}, 400, "unsupported_parameter", "n"),
+    ({"model": "torouter", "messages": ask("hi"), "torouter": {"cost_weight": -1}}, 400, "invalid_request",
+     "torouter.cost_weight"),
+    ({"model": "torouter", "messages": ask("hi"), "torouter": {"cost_weight": "5"}}, 400, "invalid_request",
+     "torouter.cost_weight"),
+    ({"model": "torouter", "messages": ask("hi"), "torouter": {"costweight": 5}}, 400, "invalid_request",
+     "torouter.costweight"),
+    ({"model": "torouter", "messages": ask("hi"), "torouter": "cheap"}, 400, "invalid_request", "torouter"),
     ({"model": "torouter", "messages": [{"role": "system", "content": "Be brief."}]}, 400, "unroutable",
      "messages"),
     ({"model": "gpt-4o", "messages": ask("hi")}, 404, "model_not_found", "model"),

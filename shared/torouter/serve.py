@@ -2,7 +2,9 @@
 
 Any OpenAI client can use a trained router as if it were one model: ``POST
 /v1/chat/completions`` with ``model="torouter"`` lets the router pick the expert,
-``model="<expert>"`` forces one, and every response names the answering expert in
+``model="<expert>"`` forces one, an optional ``"torouter": {"cost_weight": W, "max_cost": C}``
+in the request body overrides the server's routing trade-off for that request (OpenAI
+clients send it with ``extra_body``), and every response names the answering expert in
 ``model`` and carries the routing decision in an extra ``torouter`` field (on the first
 chunk when streaming). ``GET /v1/models`` lists the router and its experts, ``GET
 /health`` answers load balancers.
@@ -361,6 +363,13 @@ class _StreamOptions(_Request):
     include_usage: bool = False
 
 
+class _RoutingOptions(_Request):
+    # Forbid: a misspelt option silently routing at the server's default would be a hidden bug.
+    model_config = ConfigDict(strict=True, extra="forbid")
+    cost_weight: float | None = Field(None, ge=0.0)
+    max_cost: float | None = Field(None, ge=0.0)
+
+
 class _ChatRequest(_Request):
     model: str = Field(min_length=1)
     messages: list[_Message] = Field(min_length=1)
@@ -371,6 +380,7 @@ class _ChatRequest(_Request):
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
     n: int | None = Field(1, ge=1)
+    torouter: _RoutingOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -484,13 +494,15 @@ class _RoutingBatcher:
     def __init__(self, controller: Any, max_batch: int = 64):
         self.controller = controller
         self.max_batch = max_batch
-        self._pending: list[tuple[Any, tuple[str, ...] | None, asyncio.Future]] = []
+        self._pending: list[tuple[Any, tuple, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
-    async def decide(self, prompt: Any, allowed: list[str] | None) -> Any:
+    async def decide(self, prompt: Any, allowed: list[str] | None, cost_weight: float | None = None,
+                     max_cost: float | None = None) -> Any:
         self.controller.text(prompt)  # a prompt with nothing to route on fails alone, not its batch
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt, None if allowed is None else tuple(allowed), future))
+        options = (None if allowed is None else tuple(allowed), cost_weight, max_cost)
+        self._pending.append((prompt, options, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
@@ -498,13 +510,15 @@ class _RoutingBatcher:
     async def _drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-            groups: dict[tuple[str, ...] | None, list] = {}
+            # One router call per distinct (allowed experts, cost_weight, max_cost).
+            groups: dict[tuple, list] = {}
             for item in batch:
                 if not item[2].done():  # skip requests whose client went away
                     groups.setdefault(item[1], []).append(item)
-            for allowed, items in groups.items():
+            for (allowed, cost_weight, max_cost), items in groups.items():
                 try:
-                    decisions = await self.controller.adecide_many([p for p, _, _ in items], allowed=allowed)
+                    decisions = await self.controller.adecide_many([p for p, _, _ in items], allowed=allowed,
+                                                                   cost_weight=cost_weight, max_cost=max_cost)
                 except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
                     decisions = [exc] * len(items)
                 for (_, _, future), decision in zip(items, decisions):
@@ -646,7 +660,9 @@ class _Service:
             kwargs["model"] = forced
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            decision = await self.router.decide(messages_to_prompt(messages), None if forced is None else [forced])
+            options = body.torouter or _RoutingOptions()
+            decision = await self.router.decide(messages_to_prompt(messages), None if forced is None else [forced],
+                                                options.cost_weight, options.max_cost)
         except ValueError as exc:  # e.g. no user text to route on
             raise _APIError(400, f"Cannot route this request: {exc}", code="unroutable", param="messages") from None
         if body.stream:
