@@ -39,6 +39,10 @@ from torouter.synthetic import EXPERTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERT_NAMES = list(EXPERTS)
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Add two numbers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                   "required": ["a", "b"]}}}
 TOKEN = "tok-" + "5f1c9a7e2b4d4e0f8a6b3c2d1e0f9a8b"
 LEAKY_KEY = "sk-live-0123456789abcdefXYZ"
 LIMITS = Limits(max_request_bytes=4096, max_tokens=256, max_messages=8)
@@ -230,6 +234,60 @@ def test_request_overrides_cost_weight_and_max_cost(client, chat):
     assert reply.model == cheapest and routed["max_cost"] == costs[cheapest] and routed["ranking"] == [cheapest]
 
 
+def test_tool_calls_round_trip(client):
+    question = ask("Use the add tool: what is 3 + 4?")
+    reply = client.chat.completions.create(model="torouter", messages=question, tools=[ADD_TOOL])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "add" and call.id
+    assert json.loads(call.function.arguments) == {"a": 3, "b": 4}
+
+    history = [*question, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "7"}]
+    final = client.chat.completions.create(model="torouter", messages=history, tools=[ADD_TOOL])
+    assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+    assert final.choices[0].message.content == "The add tool returned: 7"
+
+    forced = client.chat.completions.create(model="torouter", messages=ask("Hello"), tools=[ADD_TOOL],
+                                            tool_choice={"type": "function", "function": {"name": "add"}})
+    assert forced.choices[0].message.tool_calls[0].function.name == "add"
+    plain = client.chat.completions.create(model="torouter", messages=question, tools=[ADD_TOOL], tool_choice="none")
+    assert plain.choices[0].finish_reason == "stop" and not plain.choices[0].message.tool_calls
+
+
+def test_tool_calls_stream_as_openai_deltas(client):
+    chunks = list(client.chat.completions.create(model="torouter", messages=ask("add 1 and 2"), tools=[ADD_TOOL],
+                                                 tool_choice="required", stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].id and deltas[0].function.name == "add"
+    assert all(d.index == 0 for d in deltas)
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"a": 1, "b": 2}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "torouter" in chunks[0].model_extra
+
+
+def test_tools_route_only_among_experts_that_take_them():
+    experts = {n: ChatRuleBased(model=n, tool_calling=n == "cloud-large") for n in EXPERT_NAMES}
+    chat = ChatTORouter(experts=experts, router=trained_router(), cost_weight=50.0)
+    with live_server(create_app(chat, token=TOKEN)) as (_, base):
+        client = client_for(base)
+        reply = client.chat.completions.create(model="torouter", messages=ask("Use the add tool: 3 + 4?"),
+                                               tools=[ADD_TOOL])
+        assert reply.model == "cloud-large" and reply.model_extra["torouter"]["ranking"] == ["cloud-large"]
+        assert reply.choices[0].message.tool_calls[0].function.name == "add"
+        response = post(base, {"model": "edge-small", "messages": ask("3 + 4?"), "tools": [ADD_TOOL]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
+        assert "edge-small" in response.json()["error"]["message"]
+    no_tools = ChatTORouter(experts={n: ChatRuleBased(model=n, tool_calling=False) for n in EXPERT_NAMES},
+                            router=trained_router())
+    with live_server(create_app(no_tools, token=TOKEN)) as (_, base):
+        response = post(base, {"model": "torouter", "messages": ask("3 + 4?"), "tools": [ADD_TOOL]})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["code"] == "unsupported_parameter" and error["param"] == "tools"
+        assert "does not support tool calling" in error["message"]
+
+
 def test_streaming_is_token_by_token_with_the_decision_first(client, chat):
     question = "What is the mechanism of action of metformin?"
     messages = [{"role": "system", "content": "Metformin lowers blood glucose mainly by reducing hepatic "
@@ -333,16 +391,25 @@ def test_wrong_or_missing_token_is_401(server):
     ({"model": "torouter", "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_request",
      "messages.0.role"),
     ({"model": "torouter", "messages": [{"content": "hi"}]}, 400, "invalid_request", "messages.0.role"),
-    ({"model": "torouter", "messages": [{"role": "tool", "content": "4", "tool_call_id": "a"}]}, 400,
+    ({"model": "torouter", "messages": [{"role": "function", "content": "4", "name": "f"}]}, 400,
      "invalid_request", "messages.0.role"),
+    ({"model": "torouter", "messages": [{"role": "tool", "content": "4"}]}, 400, "invalid_request", "messages.0"),
+    ({"model": "torouter", "messages": [*ask("hi"), {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, 400,
+     "invalid_request", "messages.1.tool_calls.0.function.arguments"),
+    ({"model": "torouter", "messages": ask("hi"), "tools": [{"type": "function", "function": {"name": "a b"}}]},
+     400, "invalid_request", "tools.0.function.name"),
+    ({"model": "torouter", "messages": ask("hi"), "tools": [ADD_TOOL], "tool_choice": {
+        "type": "function", "function": {"name": "mul"}}}, 400, "invalid_request", None),
+    ({"model": "torouter", "messages": ask("hi"), "tool_choice": "required"}, 400, "invalid_request", None),
     ({"model": "torouter", "messages": ask("hi"), "stream": "yes"}, 400, "invalid_request", "stream"),
     ({"model": "torouter", "messages": ask("hi"), "temperature": 9}, 400, "invalid_request", "temperature"),
     ({"model": "torouter", "messages": ask("hi"), "max_tokens": "10"}, 400, "invalid_request", "max_tokens"),
     ({"model": "torouter", "messages": ask("hi"), "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request",
      "stop"),
     ({"messages": ask("hi")}, 400, "invalid_request", "model"),
-    ({"model": "torouter", "messages": ask("hi"), "tools": [{"type": "function", "function": {"name": "f"}}]},
-     400, "unsupported_parameter", "tools"),
+    ({"model": "torouter", "messages": ask("hi"), "functions": [{"name": "f"}]}, 400, "unsupported_parameter",
+     "functions"),
     ({"model": "torouter", "messages": ask("hi"), "n": 2}, 400, "unsupported_parameter", "n"),
     ({"model": "torouter", "messages": ask("hi"), "torouter": {"cost_weight": -1}}, 400, "invalid_request",
      "torouter.cost_weight"),

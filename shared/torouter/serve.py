@@ -4,10 +4,11 @@ Any OpenAI client can use a trained router as if it were one model: ``POST
 /v1/chat/completions`` with ``model="torouter"`` lets the router pick the expert,
 ``model="<expert>"`` forces one, an optional ``"torouter": {"cost_weight": W, "max_cost": C}``
 in the request body overrides the server's routing trade-off for that request (OpenAI
-clients send it with ``extra_body``), and every response names the answering expert in
-``model`` and carries the routing decision in an extra ``torouter`` field (on the first
-chunk when streaming). ``GET /v1/models`` lists the router and its experts, ``GET
-/health`` answers load balancers.
+clients send it with ``extra_body``), ``tools`` route among the experts that can call
+them, and every response names the answering expert in ``model`` and carries the
+routing decision in an extra ``torouter`` field (on the first chunk when streaming).
+``GET /v1/models`` lists the router and its experts, ``GET /health`` answers load
+balancers.
 
 The server is configured by a YAML file (see ``examples/router.yaml``)::
 
@@ -332,31 +333,77 @@ class _ImagePart(_Request):
 _Part = Annotated[_TextPart | _ImagePart, Field(discriminator="type")]
 
 
+class _FunctionCall(_Request):
+    name: str = Field(min_length=1)
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments(cls, arguments: str) -> str:
+        try:
+            parsed = json.loads(arguments or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"arguments must be a JSON object encoded as a string ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object encoded as a string")
+        return arguments
+
+
+class _ToolCall(_Request):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: _FunctionCall
+
+
 class _Message(_Request):
     role: str
     content: str | list[_Part] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("role")
     @classmethod
     def _role(cls, role: str) -> str:
-        if role in ("tool", "function"):
-            raise ValueError(f"{role!r} messages are not supported: this server does not take tools")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise ValueError("role must be one of 'system', 'developer', 'user', 'assistant'")
+        if role == "function":
+            raise ValueError("'function' messages are the deprecated form: send 'tool' messages with a tool_call_id")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise ValueError("role must be one of 'system', 'developer', 'user', 'assistant', 'tool'")
         return role
 
     @model_validator(mode="after")
     def _content(self) -> _Message:
-        if self.tool_calls:
-            raise ValueError("tool_calls are not supported: this server does not take tools")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if isinstance(self.content, list) and self.role != "user":
             if any(not isinstance(p, _TextPart) for p in self.content):
                 raise ValueError(f"a {self.role} message may only have text parts")
         return self
+
+
+class _FunctionDef(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class _Tool(_Request):
+    type: Literal["function"]
+    function: _FunctionDef
+
+
+class _ToolName(_Request):
+    name: str
+
+
+class _NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: _ToolName
 
 
 class _StreamOptions(_Request):
@@ -380,6 +427,9 @@ class _ChatRequest(_Request):
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
     n: int | None = Field(1, ge=1)
+    tools: list[_Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     torouter: _RoutingOptions | None = None
 
     @field_validator("stop")
@@ -390,13 +440,29 @@ class _ChatRequest(_Request):
             raise ValueError("at most 4 stop sequences")
         return [s for s in stops if s] or None
 
+    @model_validator(mode="after")
+    def _tools(self) -> _ChatRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools share a name")
+        if isinstance(self.tool_choice, _NamedToolChoice):
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice: {self.tool_choice.function.name!r} is not one of the tools {names}")
+        elif self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs tools")
+        return self
+
+    def langchain_tool_choice(self) -> str | None:
+        """``tool_choice`` in LangChain's words: a tool's name, ``"any"`` or ``"auto"``."""
+        if isinstance(self.tool_choice, _NamedToolChoice):
+            return self.tool_choice.function.name
+        return {"required": "any", "auto": "auto"}.get(self.tool_choice or "")
+
 
 # Parameters that would change what the client gets back and that this server cannot honour.
 def _unsupported(payload: Mapping[str, Any]) -> str | None:
-    if payload.get("tools") or payload.get("functions"):
-        return "tools" if payload.get("tools") else "functions"
-    if payload.get("tool_choice") not in (None, "none"):
-        return "tool_choice"
+    if payload.get("functions"):  # the deprecated form of tools
+        return "functions"
     if payload.get("function_call") not in (None, "none"):
         return "function_call"
     response_format = payload.get("response_format")
@@ -461,9 +527,10 @@ def _text(content: Any) -> str:
 
 
 def _to_langchain(messages: list[_Message]) -> list[Any]:
-    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
     converted = []
+    tool_names: dict[str, str] = {}  # OpenAI tool messages name only the call; some experts want the tool
     for message in messages:
         if isinstance(message.content, list):
             content: Any = [p.model_dump(exclude_none=True) for p in message.content]
@@ -474,9 +541,36 @@ def _to_langchain(messages: list[_Message]) -> list[Any]:
             converted.append(SystemMessage(content=content, **extra))
         elif message.role == "user":
             converted.append(HumanMessage(content=content, **extra))
+        elif message.role == "tool":
+            name = message.name or tool_names.get(message.tool_call_id or "")
+            converted.append(ToolMessage(content=content, tool_call_id=message.tool_call_id,
+                                         **({"name": name} if name else {})))
         else:
-            converted.append(AIMessage(content=content, **extra))
+            calls = [{"name": c.function.name, "args": json.loads(c.function.arguments or "{}"), "id": c.id,
+                      "type": "tool_call"} for c in message.tool_calls or []]
+            tool_names.update((c["id"], c["name"]) for c in calls)
+            converted.append(AIMessage(content=content, tool_calls=calls, **extra))
     return converted
+
+
+def _openai_tool_calls(calls: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c.get("args") or {})}} for c in calls]
+
+
+def _openai_tool_deltas(chunks: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """LangChain tool-call chunks as OpenAI stream deltas: id and name first, then argument pieces."""
+    deltas = []
+    for position, c in enumerate(chunks):
+        delta: dict[str, Any] = {"index": c.get("index") if c.get("index") is not None else position}
+        if c.get("id"):
+            delta.update(id=c["id"], type="function")
+        function = {"arguments": c.get("args") or ""}
+        if c.get("name"):
+            function["name"] = c["name"]
+        delta["function"] = function
+        deltas.append(delta)
+    return deltas
 
 
 # --------------------------------------------------------------------------- the app
@@ -645,6 +739,24 @@ class _Service:
         return {"id": model, "object": "model", "created": self.created,
                 "owned_by": "torouter" if model == self.name else "torouter-expert"}
 
+    def with_tools(self, body: _ChatRequest, forced: str | None) -> tuple[Any, Any, list[str] | None]:
+        """What answers the request (the chat model, or it with the request's tools bound), the
+        object that takes the routing decision, and the experts the router may pick."""
+        if not body.tools or body.tool_choice == "none":
+            return self.chat_model, self.chat_model, None if forced is None else [forced]
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+        try:
+            runnable = self.chat_model.bind_tools(tools, tool_choice=body.langchain_tool_choice())
+        except ValueError as exc:
+            raise _APIError(400, f"No expert of this router can take these tools: {exc}",
+                            code="unsupported_parameter", param="tools") from None
+        owner = runnable.bound  # the ChatTORouter copy that holds each expert's bound tools
+        try:
+            allowed = owner._allowed(forced)
+        except ValueError as exc:
+            raise _APIError(400, str(exc), code="unsupported_parameter", param="tools") from None
+        return runnable, owner, allowed
+
     async def chat(self, request: Request) -> Any:
         from langchain_torouter._routing import messages_to_prompt, predecided
 
@@ -658,44 +770,49 @@ class _Service:
             kwargs["temperature"] = body.temperature
         if forced is not None:
             kwargs["model"] = forced
+        runnable, owner, allowed = self.with_tools(body, forced)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             options = body.torouter or _RoutingOptions()
-            decision = await self.router.decide(messages_to_prompt(messages), None if forced is None else [forced],
+            decision = await self.router.decide(messages_to_prompt(messages), allowed,
                                                 options.cost_weight, options.max_cost)
         except ValueError as exc:  # e.g. no user text to route on
             raise _APIError(400, f"Cannot route this request: {exc}", code="unroutable", param="messages") from None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self.stream(messages, kwargs, decision, forced, request_id, include_usage)
+            return await self.stream(runnable, owner, messages, kwargs, decision, forced, request_id, include_usage)
         try:
             # The decision is already made: the chat model uses it instead of routing again.
-            with predecided(self.chat_model, decision):
-                message = await self.chat_model.ainvoke(messages, **kwargs)
+            with predecided(owner, decision):
+                message = await runnable.ainvoke(messages, **kwargs)
         except Exception as exc:  # noqa: BLE001 - an expert's failure, reported as 502
             raise self.expert_failure(exc, decision, request_id) from None
         routed = self.routing(message.response_metadata.get("torouter") or {})
         expert = routed.get("expert", decision.expert)
         logger.info("%s -> %s (chosen %s, fallback=%s, forced=%s)", request_id, expert, decision.expert,
                     routed.get("fallback"), forced is not None)
+        reply: dict[str, Any] = {"role": "assistant", "content": message.text, "refusal": None}
+        finish = _finish_reason(message.response_metadata) or "stop"
+        if message.tool_calls:
+            reply.update(content=message.text or None, tool_calls=_openai_tool_calls(message.tool_calls))
+            finish = "tool_calls"
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": expert,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": message.text, "refusal": None},
-                         "logprobs": None, "finish_reason": _finish_reason(message.response_metadata) or "stop"}],
+            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}],
             "usage": _usage(message.usage_metadata),
             "torouter": routed,
         })
 
-    async def stream(self, messages: list[Any], kwargs: dict[str, Any], decision: Any, forced: str | None,
-                     request_id: str, include_usage: bool) -> StreamingResponse:
+    async def stream(self, runnable: Any, owner: Any, messages: list[Any], kwargs: dict[str, Any], decision: Any,
+                     forced: str | None, request_id: str, include_usage: bool) -> StreamingResponse:
         from langchain_torouter._routing import predecided
 
-        chunks = self.chat_model.astream(messages, **kwargs)
+        chunks = runnable.astream(messages, **kwargs)
         # Pull the first chunk before answering, so a request every expert fails gets a
         # proper 502 rather than a stream that breaks off.
         try:
-            with predecided(self.chat_model, decision):
+            with predecided(owner, decision):
                 first = await anext(chunks, None)
         except Exception as exc:  # noqa: BLE001
             raise self.expert_failure(exc, decision, request_id) from None
@@ -719,23 +836,28 @@ class _Service:
         async def events() -> AsyncIterator[str]:
             usage: dict[str, int] = {}
             finish = None
+            called = False
 
-            def absorb(chunk: Any) -> str:
-                nonlocal finish
+            def absorb(chunk: Any) -> dict[str, Any]:
+                nonlocal finish, called
                 for key, value in (chunk.usage_metadata or {}).items():
                     if isinstance(value, int):
                         usage[key] = usage.get(key, 0) + value
                 finish = _finish_reason(chunk.response_metadata) or finish
-                return chunk.text
+                delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+                if getattr(chunk, "tool_call_chunks", None):
+                    delta["tool_calls"] = _openai_tool_deltas(chunk.tool_call_chunks)
+                    called = True
+                return delta
 
             try:
-                text = absorb(first) if first is not None else ""
-                yield event({"role": "assistant", "content": text}, torouter=routed)
+                delta = absorb(first) if first is not None else {}
+                yield event({"role": "assistant", "content": delta.pop("content", ""), **delta}, torouter=routed)
                 async for chunk in chunks:
-                    text = absorb(chunk)
-                    if text:
-                        yield event({"content": text})
-                yield event({}, finish or "stop")
+                    delta = absorb(chunk)
+                    if delta:
+                        yield event(delta)
+                yield event({}, "tool_calls" if called else finish or "stop")
                 if include_usage:
                     data = {"id": request_id, "object": "chat.completion.chunk", "created": created,
                             "model": expert, "system_fingerprint": None, "choices": [], "usage": _usage(usage)}
