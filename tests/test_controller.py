@@ -144,14 +144,68 @@ def test_conversation_routing_reads_what_the_router_was_trained_on(router):
     [{"role": "user", "content": "   "}],
     "   ",
 ])
-def test_empty_text_raises(router, prompt):
-    with pytest.raises(ValueError, match="nothing to route on"):
-        Controller(router, route_on="conversation").decide(prompt)
+def test_nothing_to_route_on_still_answers_default_expert_first(router, prompt):
+    # The router ranks the experts for the empty text; a configured default expert goes first.
+    decision = Controller(router, route_on="conversation").decide(prompt)
+    assert decision.routed_text.strip() == ""
+    assert decision.expert == "big" and sorted(decision.ranking) == sorted(EXPERTS)
+    decision = Controller(router, default_expert="cheap").decide(prompt)
+    assert decision.expert == "cheap" and decision.ranking == ["cheap", "big", "coder"]
+    # With a routable prompt the default expert has no say.
+    assert Controller(router, default_expert="cheap").decide("write code").expert == "coder"
 
 
-def test_last_user_ignores_system_only_prompt(router):
-    with pytest.raises(ValueError, match="nothing to route on"):
-        Controller(router, route_on="last_user").decide([{"role": "system", "content": "Be terse."}])
+def test_system_only_prompt_routes_on_the_system_text(router):
+    decision = Controller(router, route_on="last_user").decide([{"role": "system", "content": "Review my code."}])
+    assert decision.routed_text == "Review my code." and decision.expert == "coder"
+
+
+def test_default_expert_must_be_known(router):
+    with pytest.raises(ValueError, match="default_expert='gpt-9' is not one of the router's experts"):
+        Controller(router, default_expert="gpt-9")
+
+
+def test_repeated_text_is_predicted_once(router):
+    controller = Controller(router)
+    agent_steps = [CONVERSATION, CONVERSATION + [{"role": "assistant", "content": "calling a tool"},
+                                                 {"role": "tool", "content": "84"}],
+                   CONVERSATION + [{"role": "user", "content": "Observation: 84"}]]
+    before = router.calls_
+    decisions = [controller.decide(p) for p in agent_steps]
+    assert router.calls_ == before + 1 and controller.router_calls == 1 and controller.cache_hits == 2
+    assert len({d.routed_text for d in decisions}) == 1
+    # Per-call settings still apply to a cached prediction.
+    assert controller.decide(CONVERSATION, cost_weight=1.0).expert == "cheap"
+    assert router.calls_ == before + 1
+    uncached = Controller(router, cache_size=0)
+    uncached.decide(CONVERSATION)
+    uncached.decide(CONVERSATION)
+    assert router.calls_ == before + 3 and uncached.cache_hits == 0
+
+
+def test_cache_is_bounded_lru(router):
+    controller = Controller(router, cache_size=2)
+    for text in ["a", "b", "a", "c"]:  # "b" is least recently used when "c" arrives
+        controller.decide(text)
+    calls = router.calls_
+    controller.decide("a")
+    assert router.calls_ == calls
+    controller.decide("b")
+    assert router.calls_ == calls + 1
+
+
+def test_decide_many_predicts_each_distinct_text_once(router):
+    controller = Controller(router)
+    before = len(router.seen_)
+    decisions = controller.decide_many(["write code", "hello", "write code"])
+    assert router.seen_[before:] == ["write code", "hello"]
+    assert decisions[0] == decisions[2]
+
+
+@pytest.mark.parametrize("weight", [float("inf"), float("nan"), -0.5])
+def test_bad_cost_weight_per_call_is_refused(router, weight):
+    with pytest.raises(ValueError, match="cost_weight must be a finite number >= 0"):
+        Controller(router).decide("hello", cost_weight=weight)
 
 
 def test_adecide_matches_decide(router):
@@ -175,7 +229,7 @@ def test_decide_many_matches_decide_with_one_router_call(router):
 def test_constructor_checks(router):
     with pytest.raises(ValueError, match="route_on"):
         Controller(router, route_on="everything")
-    with pytest.raises(ValueError, match="cost_weight must be >= 0"):
+    with pytest.raises(ValueError, match="cost_weight must be a finite number >= 0"):
         Controller(router, cost_weight=-1)
     with pytest.raises(NotFittedError):
         Controller(make_router("best-single"))

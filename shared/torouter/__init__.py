@@ -11,11 +11,12 @@ from .encoders import DEFAULT_ENCODER, Encoder
 from .labels import DEFAULT_TEMPERATURE, soft_labels
 from .policy import Decision, choose, rank
 from .routers import ROUTERS, Router, RouterFileError, load_router, make_router
+from .routing_text import ROUTE_ON, routing_text
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AllExpertsFailed", "Controller", "DataError", "Decision", "DEFAULT_ENCODER", "DEFAULT_TEMPERATURE",
-    "Encoder", "Record", "ROUTERS", "Router", "RouterFileError", "RoutingDataset", "choose",
-    "iter_jsonl", "load_router", "make_router", "prompt_text", "rank", "soft_labels", "write_jsonl",
+    "Encoder", "Record", "ROUTE_ON", "ROUTERS", "Router", "RouterFileError", "RoutingDataset", "choose",
+    "iter_jsonl", "load_router", "make_router", "prompt_text", "rank", "routing_text", "soft_labels", "write_jsonl",
 ]

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from .data import Prompt, prompt_text
+import numpy as np
+
+from .data import Prompt
 from .policy import Decision, rank
 from .routers import Router, load_router
+from .routing_text import MAX_CHARS, ROUTE_ON, RouteOn, routing_text
 
 T = TypeVar("T")
-ROUTE_ON = ("last_user", "conversation")
 
 
 class AllExpertsFailed(RuntimeError):
@@ -32,27 +36,47 @@ class AllExpertsFailed(RuntimeError):
 class Controller:
     """Decides which expert answers a prompt.
 
-    ``route_on`` picks the text the router reads in a multi-turn conversation:
-    ``last_user`` (default) reads the latest user message, so a long system prompt
-    shared by every request (RAG instructions, a persona) cannot drown the question;
-    ``conversation`` reads every system and user message, oldest first, which is
-    also how routers read message-list prompts in routing data. For single-turn
-    prompts, the usual case in routing data, both read the same text.
+    ``route_on`` picks the text the router reads (see :func:`torouter.routing_text`):
+    ``last_user`` (default) reads the latest user turn, ``recent_user`` the last few user
+    turns, ``conversation`` the system prompt and every user turn, or a callable returns
+    the text. Every mode skips tool results, ReAct observations and summaries and takes
+    the question out of a filled RAG template, so retrieved context, tool output and a
+    shared system prompt cannot drown the question.
+
+    When a request has no text to route on (an image-only or empty request), the router
+    ranks the experts for the empty text and ``default_expert``, if set, goes first.
+
+    Predictions are cached by routed text (``cache_size`` entries, least recently used
+    dropped; 0 turns the cache off): an agent's model calls within one user turn route on
+    the same question, so after the first call each decision costs no encoder pass.
+    ``router_calls`` and ``cache_hits`` count both.
     """
 
     def __init__(self, router: Router | str | os.PathLike, cost_weight: float = 0.0,
-                 max_cost: float | None = None, route_on: str = "last_user",
-                 prices: dict[str, float] | None = None):
+                 max_cost: float | None = None, route_on: RouteOn = "last_user",
+                 prices: dict[str, float] | None = None, default_expert: str | None = None,
+                 cache_size: int = 1024, max_chars: int = MAX_CHARS):
         self.router = router if isinstance(router, Router) else load_router(router)
         self.router._check_fitted()
-        if route_on not in ROUTE_ON:
-            raise ValueError(f"route_on must be one of {ROUTE_ON}, not {route_on!r}")
-        if cost_weight < 0:
-            raise ValueError(f"cost_weight must be >= 0, got {cost_weight}")
+        if not callable(route_on) and route_on not in ROUTE_ON:
+            raise ValueError(f"route_on must be one of {ROUTE_ON} or a callable, not {route_on!r}")
+        check_cost_options(cost_weight, max_cost)
+        if default_expert is not None and default_expert not in self.router.experts_:
+            raise ValueError(f"default_expert={default_expert!r} is not one of the router's experts "
+                             f"{list(self.router.experts_)}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.cost_weight = cost_weight
         self.max_cost = max_cost
         self.route_on = route_on
+        self.default_expert = default_expert
+        self.cache_size = cache_size
+        self.max_chars = max_chars
         self.costs = self.router.costs(prices)
+        self.router_calls = 0
+        self.cache_hits = 0
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def experts(self) -> list[str]:
@@ -71,11 +95,41 @@ class Controller:
             raise ValueError(f"expert names do not match the router's {self.experts}; " + "; ".join(parts))
 
     def text(self, prompt: Prompt) -> str:
-        text = prompt_text(prompt, self.route_on)
-        if not text.strip():
-            what = "user message text" if self.route_on == "last_user" else "user or system text"
-            raise ValueError(f"nothing to route on: the prompt has no {what} (route_on={self.route_on!r})")
-        return text
+        """The text the router reads for ``prompt``; empty when there is nothing to route on."""
+        return routing_text(prompt, self.route_on, max_chars=self.max_chars)
+
+    def quality(self, texts: Sequence[str]) -> np.ndarray:
+        """The router's quality estimates for ``texts`` (one row each), from the cache where possible."""
+        rows: list[np.ndarray | None] = [None] * len(texts)
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, text in enumerate(texts):
+                cached = self._cache.get(text) if self.cache_size else None
+                if cached is None:
+                    missing.setdefault(text, []).append(i)
+                else:
+                    self._cache.move_to_end(text)
+                    self.cache_hits += 1
+                    rows[i] = cached
+        if missing:
+            todo = list(missing)
+            predicted = np.asarray(self.router.predict(todo), dtype=float)
+            with self._lock:
+                self.router_calls += 1
+                for text, row in zip(todo, predicted):
+                    for i in missing[text]:
+                        rows[i] = row
+                    if self.cache_size:
+                        self._cache[text] = row
+                        self._cache.move_to_end(text)
+                        while len(self._cache) > self.cache_size:
+                            self._cache.popitem(last=False)
+        return np.stack(rows) if rows else np.zeros((0, len(self.experts)))
+
+    def clear_cache(self) -> None:
+        """Forget cached predictions (needed only if the router object is refitted in place)."""
+        with self._lock:
+            self._cache.clear()
 
     def decide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
                cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
@@ -94,7 +148,7 @@ class Controller:
         if not texts:
             return []
         allowed = None if allowed is None else list(allowed)
-        quality = self.router.predict(texts)
+        quality = self.quality(texts)
         return [self._decision(text, q, allowed, cost_weight, max_cost) for text, q in zip(texts, quality)]
 
     async def adecide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
@@ -105,6 +159,7 @@ class Controller:
     def _decision(self, text: str, quality, allowed, cost_weight, max_cost) -> Decision:
         weight = self.cost_weight if cost_weight is None else cost_weight
         budget = self.max_cost if max_cost is None else max_cost
+        check_cost_options(weight, budget)
         mask = None
         if allowed is not None:
             allowed = set(allowed)
@@ -116,11 +171,24 @@ class Controller:
             mask = [e in allowed for e in self.experts]
         order = rank(quality, self.costs, weight, budget, mask)
         names = [self.experts[i] for i in order]
+        if not text.strip() and self.default_expert in names:
+            names.remove(self.default_expert)
+            names.insert(0, self.default_expert)
         return Decision(
             expert=names[0], ranking=names,
             scores={e: float(q) for e, q in zip(self.experts, quality)},
             costs={e: float(c) for e, c in zip(self.experts, self.costs)},
             cost_weight=weight, max_cost=budget, routed_text=text)
+
+
+def check_cost_options(cost_weight: float, max_cost: float | None) -> None:
+    """Refuse a negative or non-finite ``cost_weight`` and a negative or NaN ``max_cost``."""
+    if not isinstance(cost_weight, (int, float)) or isinstance(cost_weight, bool) \
+            or not np.isfinite(cost_weight) or cost_weight < 0:
+        raise ValueError(f"cost_weight must be a finite number >= 0, got {cost_weight!r}")
+    if max_cost is not None and (not isinstance(max_cost, (int, float)) or isinstance(max_cost, bool)
+                                 or np.isnan(max_cost) or max_cost < 0):
+        raise ValueError(f"max_cost must be a number >= 0 or None, got {max_cost!r}")
 
 
 def call_with_fallbacks(ranking: list[str], call: Callable[[str], T],
