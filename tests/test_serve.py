@@ -418,8 +418,6 @@ def test_wrong_or_missing_token_is_401(server):
     ({"model": "torouter", "messages": ask("hi"), "torouter": {"costweight": 5}}, 400, "invalid_request",
      "torouter.costweight"),
     ({"model": "torouter", "messages": ask("hi"), "torouter": "cheap"}, 400, "invalid_request", "torouter"),
-    ({"model": "torouter", "messages": [{"role": "system", "content": "Be brief."}]}, 400, "unroutable",
-     "messages"),
     ({"model": "gpt-4o", "messages": ask("hi")}, 404, "model_not_found", "model"),
 ])
 def test_bad_requests_get_openai_shaped_errors(server, body, status, code, param):
@@ -842,3 +840,10 @@ def test_config_needs_experts_or_manifest(tmp_path):
     (tmp_path / "router.yaml").write_text("router: router\n")
     with pytest.raises(ConfigError, match="experts: .* or manifest:"):
         load_config(tmp_path / "router.yaml")
+
+
+def test_requests_without_user_text_are_answered(server):
+    # A system-only request routes on the system text instead of failing.
+    response = post(server, {"model": "torouter", "messages": [{"role": "system", "content": "Be brief."}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["torouter"]["expert"] in response.json()["torouter"]["ranking"]
