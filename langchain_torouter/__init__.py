@@ -7,9 +7,10 @@ for tests, examples and benchmarks. ``ChatManifestExpert`` serves the experts of
 ``torouter prepare`` manifest (local Hugging Face models included) as chat models.
 """
 
+from ._routing import route_on_input
 from .chat_models import ChatTORouter
 from .manifest import ChatManifestExpert
 from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 
-__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterRunnable"]
+__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterRunnable", "route_on_input"]

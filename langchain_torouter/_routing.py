@@ -9,24 +9,43 @@ make an expert's call a child run, and shapes the decision into response metadat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
+    BaseCallbackHandler,
     BaseRunManager,
     CallbackManager,
+    UsageMetadataCallbackHandler,
 )
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, convert_to_messages
 from langchain_core.prompt_values import PromptValue
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableLambda
 
 from torouter.policy import Decision
 
+try:  # context variables whose handlers LangChain adds to every run it configures
+    from langchain_core.tracers.context import _configure_hooks as _CONFIGURE_HOOKS
+except ImportError:  # pragma: no cover - older langchain-core 1.x
+    _CONFIGURE_HOOKS = []
+
+try:  # handlers that turn a run's tokens into a stream (astream_events, astream_log, LangGraph "messages")
+    from langchain_core.tracers._streaming import _StreamingCallbackHandler, _V2StreamingCallbackHandler
+except ImportError:  # pragma: no cover - older langchain-core 1.x
+    from langchain_core.tracers._streaming import _StreamingCallbackHandler
+    _V2StreamingCallbackHandler = _StreamingCallbackHandler
+
 METADATA_KEY = "torouter"
 """Key of the routing decision in ``response_metadata`` and in child-run metadata."""
+
+ROUTE_TEXT_KEY = "torouter_route_text"
+"""Run-metadata key holding the text to route on, set by ``route_on_input`` for every run inside a chain."""
+
+ROUTING_OPTIONS = ("model", "cost_weight", "max_cost")
+"""Per-call keyword arguments that steer routing and are never passed to an expert."""
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
 
@@ -82,10 +101,69 @@ def attempt_config(callbacks: Any, decision: Decision, expert: str, forced: bool
     return config
 
 
+def relays_output(handler: BaseCallbackHandler) -> bool:
+    """Whether ``handler`` re-emits or adds up what a run produces, so seeing it twice doubles it.
+
+    Streaming handlers (``astream_events``, ``astream_log``, LangGraph's ``messages`` stream)
+    forward each token of every chat-model run, and usage handlers
+    (``get_usage_metadata_callback``, ``get_openai_callback``) add up every run's usage.
+    The routed model's run already carries the expert's tokens and usage, so the
+    expert's own child run must not reach these handlers a second time; tracers and
+    other handlers still see it.
+    """
+    return (isinstance(handler, (_StreamingCallbackHandler, _V2StreamingCallbackHandler,
+                                 UsageMetadataCallbackHandler))
+            or type(handler).__name__ == "OpenAICallbackHandler")
+
+
+@contextlib.contextmanager
+def relays_hidden() -> Iterator[None]:
+    """Keep context-registered relaying handlers (``get_usage_metadata_callback()``, ...) off an expert's run.
+
+    Such handlers are not passed down with the callbacks: LangChain adds them to every
+    run it configures while their context variable is set. Clearing those variables
+    while the expert's run is configured keeps them off it (see ``relays_output``).
+    """
+    tokens = []
+    for var, *_ in _CONFIGURE_HOOKS:
+        handler = var.get()
+        if handler is not None and relays_output(handler):
+            tokens.append((var, var.set(None)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def hide_relays(iterator: Iterator[Any]) -> Iterator[Any]:
+    """``iterator`` with every step run under ``relays_hidden`` (an expert's stream starts its run lazily)."""
+    while True:
+        with relays_hidden():
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
+
+
+async def ahide_relays(iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``hide_relays`` for an async stream."""
+    iterator = iterator.__aiter__()
+    while True:
+        with relays_hidden():
+            try:
+                item = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+        yield item
+
+
 def child_callbacks(run_manager: BaseRunManager, manager_cls: type = CallbackManager):
-    """What ``get_child`` gives a chain run, for a chat-model run (which has no ``get_child``)."""
+    """What ``get_child`` gives a chain run, for a chat-model run (which has no ``get_child``),
+    less the handlers that would relay the expert's output a second time (see ``relays_output``)."""
     manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
-    manager.set_handlers(run_manager.inheritable_handlers)
+    manager.set_handlers([h for h in run_manager.inheritable_handlers if not relays_output(h)])
     manager.add_tags(run_manager.inheritable_tags)
     manager.add_metadata(run_manager.inheritable_metadata)
     return manager
@@ -142,7 +220,7 @@ def take_stream_parent(owner: object, manager_cls: type[CallbackManager] | type[
         inheritable_callbacks=config.get("callbacks"), inheritable_tags=config.get("tags"),
         inheritable_metadata=config.get("metadata"))
     # As ``get_child`` does: only what the parent run passes on (not e.g. its ``seq:step`` tag).
-    manager.handlers = list(manager.inheritable_handlers)
+    manager.set_handlers([h for h in manager.inheritable_handlers if not relays_output(h)])
     manager.tags = list(manager.inheritable_tags)
     manager.metadata = dict(manager.inheritable_metadata)
     manager.parent_run_id = config["run_id"]
@@ -175,7 +253,7 @@ def tag_output(output: Any, meta: dict[str, Any]) -> Any:
 
 def split_options(kwargs: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
     """Pop the per-call routing options ``model``, ``cost_weight`` and ``max_cost`` from ``kwargs``."""
-    forced = kwargs.pop("model", None)
+    forced = kwargs.pop("model", None)  # see ROUTING_OPTIONS
     if forced is not None and not isinstance(forced, str):
         raise TypeError(f"model must be an expert name, got {type(forced).__name__}")
     return forced, kwargs.pop("cost_weight", None), kwargs.pop("max_cost", None)
@@ -203,3 +281,69 @@ def run_batch(invoke: Callable[[int], Any], return_exceptions: bool) -> Callable
         except Exception as exc:  # noqa: BLE001 - returned to the caller, as Runnable.batch does
             return exc
     return one
+
+
+def build_experts(experts: Any) -> dict[str, BaseChatModel]:
+    """Expert chat models by name; a string is a model for ``langchain.chat_models.init_chat_model``."""
+    if not isinstance(experts, Mapping) or not experts:
+        raise ValueError("experts must be a non-empty dict of name -> LangChain chat model")
+    built = {}
+    for name, expert in experts.items():
+        if isinstance(expert, str):
+            try:
+                import langchain.chat_models as chat_models
+            except ImportError:
+                raise ValueError(f"expert {name!r} is given as the string {expert!r}, which needs "
+                                 "init_chat_model: pip install 'torouter[langchain]'") from None
+            try:
+                expert = chat_models.init_chat_model(expert)
+            except Exception as exc:  # noqa: BLE001 - say which expert could not be built, and why
+                raise ValueError(f"expert {name!r}: init_chat_model({expert!r}) failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(expert, BaseChatModel):
+            raise ValueError(f"expert {name!r} is a {type(expert).__name__}, not a LangChain chat model; "
+                             "use TORouterRunnable to route among other runnables")
+        built[name] = expert
+    return built
+
+
+_ANY_EXPERT = ("tool_calling", "tool_choice", "structured_output")
+
+
+def merged_profile(experts: Iterable[BaseChatModel]) -> dict[str, Any] | None:
+    """What every routed request can count on: the smallest limits of the experts that state them.
+
+    Numeric limits (``max_input_tokens``, ...) are the smallest any expert states, since any
+    expert may answer. Tool calling and structured output hold if any expert has them
+    (requests that need them route only among those); other capabilities only if all do.
+    """
+    profiles = [dict(expert.profile) for expert in experts if getattr(expert, "profile", None)]
+    if not profiles:
+        return None
+    merged: dict[str, Any] = {}
+    for key in {k for profile in profiles for k in profile}:
+        values = [profile[key] for profile in profiles if key in profile]
+        if all(isinstance(v, bool) for v in values):
+            merged[key] = any(values) if key in _ANY_EXPERT else (all(values) and len(values) == len(profiles))
+        elif all(isinstance(v, (int, float)) for v in values):
+            merged[key] = min(values)
+    return merged
+
+
+def route_on_input(runnable: Runnable, key: str) -> Runnable:
+    """Make every ``ChatTORouter`` inside ``runnable`` route on ``input[key]`` (a chain's question).
+
+    For chains whose prompt buries the question where it cannot be found, for example
+    ``route_on_input(prompt | llm, "question")`` with ``{"question": ..., "context": ...}``
+    inputs. The text travels in the run's metadata, so ``invoke``, ``stream``, ``batch``
+    and their async forms all see it.
+    """
+    def with_route_text(inputs: Mapping[str, Any]) -> Runnable:
+        if not isinstance(inputs, Mapping) or key not in inputs:
+            found = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
+            raise KeyError(f"route_on_input: the input has no key {key!r} (got {found})")
+        value = inputs[key]
+        text = value if isinstance(value, str) else str(value)
+        return runnable.with_config(metadata={ROUTE_TEXT_KEY: text})
+
+    return RunnableLambda(with_route_text, name=f"route_on_input[{key}]")

@@ -23,6 +23,7 @@ from langchain_core.runnables.config import ensure_config, get_config_list, get_
 from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.load.serializable import SerializedNotImplemented
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from torouter.controller import (
@@ -34,20 +35,28 @@ from torouter.controller import (
 )
 from torouter.policy import Decision
 from torouter.routers import Router
+from torouter.routing_text import RouteOn
 
 from ._routing import (
     METADATA_KEY,
+    ROUTE_TEXT_KEY,
+    ROUTING_OPTIONS,
     achild_callbacks,
+    ahide_relays,
     attempt_config,
     candidates,
     child_callbacks,
+    hide_relays,
     messages_to_prompt,
     model_name,
     outcome,
     predecided,
+    relays_hidden,
     run_batch,
     split_options,
     stream_parent,
+    build_experts,
+    merged_profile,
     take_predecided,
     take_stream_parent,
 )
@@ -77,8 +86,17 @@ class ChatTORouter(BaseChatModel):
     ``with_structured_output`` route only among the experts that support them.
 
     Per call, ``model="<expert>"`` forces an expert and ``cost_weight=`` / ``max_cost=``
-    override the defaults (also through ``.bind(...)``); other keyword arguments go to
-    the expert.
+    override the defaults, through ``invoke`` keyword arguments, ``.bind(...)``,
+    ``bind_tools(..., cost_weight=...)`` or ``create_agent`` model settings, in any order;
+    they are never passed to an expert. Other keyword arguments go to the expert.
+
+    The router reads the user's question (see ``route_on``): in a ``prompt | llm`` RAG
+    chain the question is taken out of the filled template, tool results and agent
+    observations are skipped, and ``route_on_input(chain, "question")`` names the input
+    key explicitly. Within an agent run the question stays the same, so the router runs
+    once and later model calls reuse its prediction (``sticky=False`` routes every call
+    afresh). Streamed tokens and token usage reach callbacks once: the expert's own run
+    is hidden from streaming and usage-counting handlers, which see this model's run.
 
     Setup:
         ``pip install "torouter[langchain]"``, then train a router with
@@ -133,9 +151,18 @@ class ChatTORouter(BaseChatModel):
     max_cost: float | None = Field(default=None, ge=0.0)
     """Skip experts whose expected cost per query is above this (the cheapest is kept if none fit)."""
 
-    route_on: Literal["last_user", "conversation"] = "last_user"
-    """Text the router reads: the latest user message (default; a shared system prompt cannot
-    drown the question) or every system and user message of the conversation."""
+    route_on: Literal["last_user", "recent_user", "conversation"] | Callable[[Any], str] = "last_user"
+    """Text the router reads: the latest user turn (default), the last few user turns, the system
+    prompt and every user turn, or a callable of the core prompt; see ``torouter.routing_text``."""
+
+    default_expert: str | None = None
+    """Expert ranked first when a request has no text to route on (e.g. image-only)."""
+
+    sticky: bool = True
+    """Reuse the router's prediction for text it has already read (one router pass per agent turn)."""
+
+    model_name: str = "torouter"
+    """Name reported to tracing as the model; the expert's own name is in ``response_metadata``."""
 
     prices: dict[str, float] | None = None
     """Expected cost per query by expert, overriding the costs the router was trained with."""
@@ -155,9 +182,12 @@ class ChatTORouter(BaseChatModel):
     streaming: bool = False
     """Make ``invoke`` stream from the expert (``on_llm_new_token`` fires per token)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True,
+                              validate_assignment=True)
 
-    _controller: Controller = PrivateAttr()
+    _controller: Controller | None = PrivateAttr(default=None)
+    _controller_key: tuple | None = PrivateAttr(default=None)
+    _forced_model: str | None = PrivateAttr(default=None)
     _model_names: dict[str, str] = PrivateAttr(default_factory=dict)
     _bound: dict[str, Runnable] | None = PrivateAttr(default=None)
     _skipped: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -166,14 +196,7 @@ class ChatTORouter(BaseChatModel):
     @field_validator("experts", mode="before")
     @classmethod
     def _check_experts(cls, experts: Any) -> Any:
-        if not isinstance(experts, Mapping) or not experts:
-            raise ValueError("experts must be a non-empty dict of name -> LangChain chat model")
-        for name, expert in experts.items():
-            if not isinstance(expert, BaseChatModel):
-                raise ValueError(
-                    f"expert {name!r} is a {type(expert).__name__}, not a LangChain chat model; "
-                    "use TORouterRunnable to route among other runnables")
-        return dict(experts)
+        return build_experts(experts)
 
     @field_validator("router", mode="before")
     @classmethod
@@ -187,16 +210,42 @@ class ChatTORouter(BaseChatModel):
 
     @model_validator(mode="after")
     def _build_controller(self) -> ChatTORouter:
-        self._controller = Controller(self.router, self.cost_weight, self.max_cost, self.route_on, self.prices)
-        self._controller.check_experts(self.experts)
+        self._controller = None
+        self.controller.check_experts(self.experts)
+        if self.default_expert is not None and self.default_expert not in self.experts:
+            raise ValueError(f"default_expert={self.default_expert!r} is not one of the experts {sorted(self.experts)}")
         self._model_names = {name: model_name(expert, name) for name, expert in self.experts.items()}
+        if self.profile is None:
+            self.__dict__["profile"] = merged_profile(self.experts.values())
         return self
 
     # --- LangChain model identity -----------------------------------------------------
     @property
     def controller(self) -> Controller:
-        """The core controller that makes every decision (router, costs, ``route_on``)."""
+        """The core controller that makes every decision (router, costs, ``route_on``).
+
+        Rebuilt when a setting it holds changed, so assignment and ``model_copy(update=...)``
+        take effect; ``cost_weight`` and ``max_cost`` are read from this model at every call.
+        """
+        key = (id(self.router), self.router if isinstance(self.router, (str, Path)) else None,
+               tuple(sorted((self.prices or {}).items())), self.route_on, self.default_expert, self.sticky)
+        if self._controller is None or self._controller_key != key:
+            self._controller = Controller(self.router, self.cost_weight, self.max_cost, self.route_on, self.prices,
+                                          default_expert=self.default_expert,
+                                          cache_size=1024 if self.sticky else 0)
+            self._controller_key = key
         return self._controller
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return False
+
+    def to_json(self) -> SerializedNotImplemented:
+        """A clear refusal: expert objects and a fitted router do not round-trip through ``dumpd``/``loads``."""
+        serialized = super().to_json()
+        serialized["repr"] = ("ChatTORouter cannot be serialised: rebuild it from its expert chat models and the "
+                              "saved router directory (Router.save) instead")
+        return serialized
 
     @property
     def _llm_type(self) -> str:
@@ -204,12 +253,15 @@ class ChatTORouter(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"experts": dict(self._model_names), "router": self._controller.router.method,
-                "cost_weight": self.cost_weight, "max_cost": self.max_cost, "route_on": self.route_on,
-                "prices": self.prices, "fallbacks": self.fallbacks, **self._bound_params}
+        route_on = self.route_on if isinstance(self.route_on, str) else getattr(self.route_on, "__name__", "callable")
+        return {"experts": dict(self._model_names), "router": self.controller.router.method,
+                "cost_weight": self.cost_weight, "max_cost": self.max_cost, "route_on": route_on,
+                "default_expert": self.default_expert, "sticky": self.sticky,
+                "prices": self.prices, "fallbacks": self.fallbacks, **self._bound_params,
+                **({"model": self._forced_model} if self._forced_model else {})}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="torouter", ls_model_name=kwargs.get("model") or "torouter",
+        params = LangSmithParams(ls_provider="torouter", ls_model_name=kwargs.get("model") or self._forced_model or self.model_name,
                                  ls_model_type="chat")
         temperature = kwargs.get("temperature", self.temperature)
         if temperature is not None:
@@ -225,41 +277,55 @@ class ChatTORouter(BaseChatModel):
     def route(self, input: LanguageModelInput, *, model: str | None = None, cost_weight: float | None = None,
               max_cost: float | None = None) -> Decision:
         """Which expert would answer ``input``, and the fallback order, without calling any expert."""
-        return self._controller.decide(self._prompt(self._convert_input(input).to_messages()),
-                                       allowed=self._allowed(model), cost_weight=cost_weight, max_cost=max_cost)
+        return self.controller.decide(self._prompt(self._convert_input(input).to_messages()),
+                                      **self._options(model, cost_weight, max_cost))
 
     async def aroute(self, input: LanguageModelInput, *, model: str | None = None,
                      cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
         """``route`` with router inference in a worker thread, off the event loop."""
-        return await self._controller.adecide(self._prompt(self._convert_input(input).to_messages()),
-                                              allowed=self._allowed(model), cost_weight=cost_weight,
-                                              max_cost=max_cost)
+        return await self.controller.adecide(self._prompt(self._convert_input(input).to_messages()),
+                                             **self._options(model, cost_weight, max_cost))
 
-    def _allowed(self, forced: str | None) -> list[str] | None:
+    def eligible(self, model: str | None = None) -> list[str] | None:
+        """Experts a request may go to (None: all): the forced ``model``, else those that took the bound tools."""
         usable = None if self._bound is None else list(self._bound)
-        return candidates(forced, list(self.experts), usable, self._skipped)
+        return candidates(model, list(self.experts), usable, self._skipped)
+
+    def _options(self, forced: str | None, cost_weight: float | None, max_cost: float | None) -> dict[str, Any]:
+        """``Controller.decide`` keyword arguments: who may answer and this model's current trade-off."""
+        return {"allowed": self.eligible(forced),
+                "cost_weight": self.cost_weight if cost_weight is None else cost_weight,
+                "max_cost": self.max_cost if max_cost is None else max_cost}
 
     @staticmethod
-    def _prompt(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    def _prompt(messages: Sequence[BaseMessage], metadata: Mapping[str, Any] | None = None) -> Any:
         if not messages:
             raise ValueError("ChatTORouter got an empty message list: there is nothing to route on")
+        if metadata and isinstance(metadata.get(ROUTE_TEXT_KEY), str):
+            return metadata[ROUTE_TEXT_KEY]  # the question, named by ``route_on_input``
         return messages_to_prompt(messages)
 
-    def _decide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> tuple[Decision, bool]:
+    def _request(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any],
+                 metadata: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any], bool]:
         forced, cost_weight, max_cost = split_options(kwargs)
-        decision = take_predecided(self)
-        if decision is None:
-            decision = self._controller.decide(self._prompt(messages), allowed=self._allowed(forced),
-                                               cost_weight=cost_weight, max_cost=max_cost)
-        return decision, forced is not None
+        forced = forced or self._forced_model
+        return self._prompt(messages, metadata), self._options(forced, cost_weight, max_cost), forced is not None
 
-    async def _adecide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> tuple[Decision, bool]:
-        forced, cost_weight, max_cost = split_options(kwargs)
+    def _decide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any],
+                metadata: Mapping[str, Any] | None = None) -> tuple[Decision, bool]:
+        prompt, options, forced = self._request(messages, kwargs, metadata)
         decision = take_predecided(self)
         if decision is None:
-            decision = await self._controller.adecide(self._prompt(messages), allowed=self._allowed(forced),
-                                                      cost_weight=cost_weight, max_cost=max_cost)
-        return decision, forced is not None
+            decision = self.controller.decide(prompt, **options)
+        return decision, forced
+
+    async def _adecide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any],
+                       metadata: Mapping[str, Any] | None = None) -> tuple[Decision, bool]:
+        prompt, options, forced = self._request(messages, kwargs, metadata)
+        decision = take_predecided(self)
+        if decision is None:
+            decision = await self.controller.adecide(prompt, **options)
+        return decision, forced
 
     def _runnable(self, name: str) -> Runnable:
         return self._bound[name] if self._bound is not None else self.experts[name]
@@ -309,13 +375,14 @@ class ChatTORouter(BaseChatModel):
                 chunks.append(chunk)
             return generate_from_stream(iter(chunks))
         stop = self.stop if stop is None else stop
-        decision, forced = self._decide(messages, kwargs)
+        decision, forced = self._decide(messages, kwargs, run_manager.metadata if run_manager else None)
         callbacks = child_callbacks(run_manager) if run_manager is not None else None
         expert_kwargs = self._expert_kwargs(kwargs)
 
         def call(name: str) -> AIMessage:
             config = attempt_config(callbacks, decision, name, forced)
-            return self._runnable(name).invoke(messages, config, stop=stop, **expert_kwargs)
+            with relays_hidden():
+                return self._runnable(name).invoke(messages, config, stop=stop, **expert_kwargs)
 
         name, message, failures = call_with_fallbacks(decision.ranking, call, self.fallbacks)
         return ChatResult(generations=[ChatGeneration(message=self._answer(message, name, decision, failures,
@@ -336,13 +403,14 @@ class ChatTORouter(BaseChatModel):
                 chunks.append(chunk)
             return await agenerate_from_stream(_aiter(chunks))
         stop = self.stop if stop is None else stop
-        decision, forced = await self._adecide(messages, kwargs)
+        decision, forced = await self._adecide(messages, kwargs, run_manager.metadata if run_manager else None)
         callbacks = achild_callbacks(run_manager) if run_manager is not None else None
         expert_kwargs = self._expert_kwargs(kwargs)
 
         async def call(name: str) -> AIMessage:
             config = attempt_config(callbacks, decision, name, forced)
-            return await self._runnable(name).ainvoke(messages, config, stop=stop, **expert_kwargs)
+            with relays_hidden():
+                return await self._runnable(name).ainvoke(messages, config, stop=stop, **expert_kwargs)
 
         name, message, failures = await acall_with_fallbacks(decision.ranking, call, self.fallbacks)
         return ChatResult(generations=[ChatGeneration(message=self._answer(message, name, decision, failures,
@@ -358,12 +426,13 @@ class ChatTORouter(BaseChatModel):
         callbacks = (child_callbacks(run_manager) if run_manager is not None
                      else take_stream_parent(self, CallbackManager))
         stop = self.stop if stop is None else stop
-        decision, forced = self._decide(messages, kwargs)
+        decision, forced = self._decide(messages, kwargs, (run_manager or callbacks).metadata
+                                        if (run_manager or callbacks) is not None else None)
         expert_kwargs = self._expert_kwargs(kwargs)
 
         def start(name: str) -> Iterator[AIMessageChunk]:
             config = attempt_config(callbacks, decision, name, forced)
-            return self._runnable(name).stream(messages, config, stop=stop, **expert_kwargs)
+            return hide_relays(iter(self._runnable(name).stream(messages, config, stop=stop, **expert_kwargs)))
 
         tagger = self._tagger(decision, forced)
         for name, chunk, failures in stream_with_fallbacks(decision.ranking, start, self.fallbacks):
@@ -381,12 +450,13 @@ class ChatTORouter(BaseChatModel):
         callbacks = (achild_callbacks(run_manager) if run_manager is not None
                      else take_stream_parent(self, AsyncCallbackManager))
         stop = self.stop if stop is None else stop
-        decision, forced = await self._adecide(messages, kwargs)
+        decision, forced = await self._adecide(messages, kwargs, (run_manager or callbacks).metadata
+                                               if (run_manager or callbacks) is not None else None)
         expert_kwargs = self._expert_kwargs(kwargs)
 
         def start(name: str) -> AsyncIterator[AIMessageChunk]:
             config = attempt_config(callbacks, decision, name, forced)
-            return self._runnable(name).astream(messages, config, stop=stop, **expert_kwargs)
+            return ahide_relays(self._runnable(name).astream(messages, config, stop=stop, **expert_kwargs))
 
         tagger = self._tagger(decision, forced)
         async for name, chunk, failures in astream_with_fallbacks(decision.ranking, start, self.fallbacks):
@@ -440,22 +510,22 @@ class ChatTORouter(BaseChatModel):
         forced, cost_weight, max_cost = split_options(dict(kwargs))
         try:
             prompts = [self._prompt(self._convert_input(x).to_messages()) for x in inputs]
-            allowed = self._allowed(forced)
+            options = self._options(forced or self._forced_model, cost_weight, max_cost)
         except (ValueError, TypeError):
             return None  # a bad input: each request routes (and fails) inside its own run
-        return {"prompts": prompts, "allowed": allowed, "cost_weight": cost_weight, "max_cost": max_cost}
+        return {"prompts": prompts, **options}
 
     def _decide_batch(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> list | None:
         request = self._batch_request(inputs, kwargs)
         try:
-            return None if request is None else self._controller.decide_many(**request)
+            return None if request is None else self.controller.decide_many(**request)
         except ValueError:
             return None  # e.g. a prompt with no text to route on: it fails inside its own run
 
     async def _adecide_batch(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> list | None:
         request = self._batch_request(inputs, kwargs)
         try:
-            return None if request is None else await self._controller.adecide_many(**request)
+            return None if request is None else await self.controller.adecide_many(**request)
         except ValueError:
             return None
 
@@ -509,6 +579,28 @@ class ChatTORouter(BaseChatModel):
         return await gather_with_concurrency(configs[0].get("max_concurrency"),
                                              *(ainvoke(i) for i in range(len(inputs))))
 
+    # --- run-time routing options ----------------------------------------------------------
+    def with_routing(self, *, model: str | None = None, cost_weight: float | None = None,
+                     max_cost: float | None = None) -> ChatTORouter:
+        """A copy that routes with these options; they survive a later ``bind_tools``/``bind``."""
+        update: dict[str, Any] = {}
+        if cost_weight is not None:
+            update["cost_weight"] = cost_weight
+        if max_cost is not None:
+            update["max_cost"] = max_cost
+        routed = self.model_copy(update=update)
+        if model is not None:
+            candidates(model, list(self.experts), None, {})  # an unknown name fails here, not at the call
+            routed._forced_model = model
+        return routed
+
+    def bind(self, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """``Runnable.bind``, except that ``model``, ``cost_weight`` and ``max_cost`` become this model's own
+        settings (``with_routing``), so code that binds tools afterwards (agents do) keeps them."""
+        options = {key: kwargs.pop(key) for key in ROUTING_OPTIONS if key in kwargs}
+        routed = self.with_routing(**options) if options else self
+        return super(ChatTORouter, routed).bind(**kwargs) if kwargs else routed
+
     # --- tools and structured output ------------------------------------------------------
     def bind_tools(
         self,
@@ -521,7 +613,12 @@ class ChatTORouter(BaseChatModel):
 
         An expert whose ``bind_tools`` is missing or rejects these tools (or this
         ``tool_choice``) is skipped; if none accepts them this raises ValueError.
+        Routing options among ``kwargs`` (``cost_weight``, ``max_cost``, ``model``: what
+        ``create_agent`` passes as model settings) set this model's routing instead.
         """
+        options = {key: kwargs.pop(key) for key in ROUTING_OPTIONS if key in kwargs}
+        if options:
+            return self.with_routing(**options).bind_tools(tools, tool_choice=tool_choice, **kwargs)
         bound: dict[str, Runnable] = {}
         skipped: dict[str, str] = {}
         for name, expert in self.experts.items():
@@ -574,9 +671,26 @@ class ChatTORouter(BaseChatModel):
         if not runnables:
             raise ValueError(f"no expert supports structured output for this schema: {skipped}")
         return TORouterRunnable(
-            runnables=runnables, router=self._controller.router, cost_weight=self.cost_weight,
+            runnables=runnables, router=self.controller.router, cost_weight=self.cost_weight,
             max_cost=self.max_cost, route_on=self.route_on, prices=self.prices, fallbacks=self.fallbacks,
-            allowed=list(runnables))
+            default_expert=self.default_expert if self.default_expert in runnables else None,
+            sticky=self.sticky, allowed=list(runnables))
+
+
+    # --- token counting: an expert's tokenizer ----------------------------------------------
+    def _counting_expert(self) -> BaseChatModel:
+        """The expert whose tokenizer counts tokens: the forced one, else the first."""
+        return self.experts.get(self._forced_model or "", next(iter(self.experts.values())))
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens in ``text`` by an expert's tokenizer (experts' tokenizers differ; this is one estimate)."""
+        return self._counting_expert().get_num_tokens(text)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self._counting_expert().get_token_ids(text)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
+        return self._counting_expert().get_num_tokens_from_messages(messages, tools=tools)
 
 
 class _ChunkTagger:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,8 +77,15 @@ class TORouterRunnable(RunnableSerializable[Any, Any]):
     max_cost: float | None = Field(default=None, ge=0.0)
     """Skip runnables whose expected cost per query is above this (the cheapest is kept if none fit)."""
 
-    route_on: Literal["last_user", "conversation"] = "last_user"
-    """For message inputs: route on the latest user message (default) or every system and user message."""
+    route_on: Literal["last_user", "recent_user", "conversation"] | Callable[[Any], str] = "last_user"
+    """Text the router reads: the latest user turn (default), the last few user turns, the system
+    prompt and every user turn, or a callable of the core prompt; see ``torouter.routing_text``."""
+
+    default_expert: str | None = None
+    """Runnable ranked first when an input has no text to route on."""
+
+    sticky: bool = True
+    """Reuse the router's prediction for text it has already read."""
 
     prices: dict[str, float] | None = None
     """Expected cost per query by expert, overriding the costs the router was trained with."""
@@ -122,7 +129,8 @@ class TORouterRunnable(RunnableSerializable[Any, Any]):
 
     @model_validator(mode="after")
     def _build_controller(self) -> TORouterRunnable:
-        self._controller = Controller(self.router, self.cost_weight, self.max_cost, self.route_on, self.prices)
+        self._controller = Controller(self.router, self.cost_weight, self.max_cost, self.route_on, self.prices,
+                                      default_expert=self.default_expert, cache_size=1024 if self.sticky else 0)
         if self.allowed is None:
             self._controller.check_experts(self.runnables)
         else:

@@ -752,7 +752,7 @@ class _Service:
                             code="unsupported_parameter", param="tools") from None
         owner = runnable.bound  # the ChatTORouter copy that holds each expert's bound tools
         try:
-            allowed = owner._allowed(forced)
+            allowed = owner.eligible(forced)
         except ValueError as exc:
             raise _APIError(400, str(exc), code="unsupported_parameter", param="tools") from None
         return runnable, owner, allowed
