@@ -13,3 +13,6 @@ from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 
 __all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterRunnable"]
+from .middleware import TORouterContext, TORouterDecisionModel, TORouterMiddleware  # noqa: E402
+
+__all__ += ["TORouterContext", "TORouterDecisionModel", "TORouterMiddleware"]
