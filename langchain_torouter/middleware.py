@@ -338,8 +338,11 @@ def _cannot_take(expert: BaseChatModel, tools: list[Any], fmt: Any, tool_choice:
     profile = expert.profile if isinstance(expert.profile, Mapping) else {}
     schema_tools, kind = _structured_tools(fmt)
     if kind == "provider" or (kind == "auto" and profile.get("structured_output")):
+        # Native structured output: create_agent passes the schema through ``bind_tools``.
         if kind == "provider" and profile.get("structured_output") is False:
             return "its profile says it has no native structured output"
+        if type(expert).bind_tools is BaseChatModel.bind_tools:
+            return f"{type(expert).__name__} does not implement bind_tools, which structured output goes through"
         return _bind_failure(expert, profile, tools, tool_choice) if tools else None
     if schema_tools:
         return _bind_failure(expert, profile, tools + schema_tools, "any")
