@@ -1,7 +1,10 @@
 """LangChain integration for torouter: put a trained router wherever a chat model goes.
 
 ``ChatTORouter`` is a LangChain chat model that sends each request to the expert chat
-model a trained TO-Router picks; ``TORouterRunnable`` routes among arbitrary runnables
+model a trained TO-Router picks; ``TORouterMiddleware`` routes the model calls of a
+LangChain v1 agent (``create_agent``) and ``TORouterDecisionModel`` drives LangChain's
+``ModelRouterMiddleware``; ``route_on_input`` makes a chain route on one key of its
+input; ``TORouterRunnable`` routes among arbitrary runnables
 (whole sub-chains per domain). ``ChatRuleBased`` is a deterministic offline chat model
 for tests, examples and benchmarks. ``ChatManifestExpert`` serves the experts of a
 ``torouter prepare`` manifest (local Hugging Face models included) as chat models.
@@ -10,7 +13,9 @@ for tests, examples and benchmarks. ``ChatManifestExpert`` serves the experts of
 from ._routing import route_on_input
 from .chat_models import ChatTORouter
 from .manifest import ChatManifestExpert
+from .middleware import TORouterContext, TORouterDecisionModel, TORouterMiddleware
 from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 
-__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterRunnable", "route_on_input"]
+__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterContext", "TORouterDecisionModel",
+           "TORouterMiddleware", "TORouterRunnable", "route_on_input"]

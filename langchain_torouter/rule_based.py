@@ -2,10 +2,13 @@
 
 Routing needs experts to route to; this one needs no network, no weights and no time,
 yet behaves like a provider chat model where LangChain looks: it streams word by word,
-reports token usage (one token per word), honours stop sequences and ``max_tokens``,
-and calls bound tools with arguments read from the question. Its answers come from a
-few rules (arithmetic, the context sentence that best matches the question, tool
-results), so they are reproducible, not clever.
+reports token usage (one token per word) and counts tokens the same way, honours stop
+sequences, ``max_tokens`` and its context window (reported in its ``profile``), calls
+bound tools with arguments read from the question, and answers through the schema tool
+of structured output (``with_structured_output`` and ``create_agent``'s
+``response_format``). Its answers come from a few rules (arithmetic, the context
+sentence that best matches the question, tool results), so they are reproducible, not
+clever.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import ContextOverflowError
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -32,11 +37,11 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from langchain_core.tools import BaseTool
-
-from torouter.data import content_text
+from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
+
+from torouter.data import content_text
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _TOKEN = re.compile(r"\S+\s*|\s+")
@@ -55,7 +60,7 @@ _STOPWORDS = frozenset(
     "a an and are as at be by can could do does for from get has have how i in is it its me of on or "
     "please that the their this to tool use using was what when where which who why will with you your".split())
 _GREETINGS = frozenset({"hello", "hi", "hey", "greeting"})
-_CALL_KWARGS = frozenset({"tools", "tool_choice", "max_tokens", "temperature", "stream"})
+_CALL_KWARGS = frozenset({"tools", "tool_choice", "answer_tools", "max_tokens", "temperature", "stream"})
 _FORCING = ("any", "required", True)
 
 
@@ -103,6 +108,13 @@ class ChatRuleBased(BaseChatModel):
     question itself). A per-call ``temperature`` is accepted, so routers can pass one
     on, and changes nothing: the answers are deterministic.
 
+    Structured output binds the schema as an *answer tool* (a bare schema: a Pydantic
+    model, TypedDict or a tool without a function, as ``with_structured_output`` and
+    ``create_agent``'s ``ToolStrategy`` bind it). When a call is forced, the model calls
+    a matching ordinary tool first, and the answer tool when none matches or once a
+    tool has answered; the answer tool's text arguments take the question's quoted
+    strings, else the rule-based answer, and its numbers come from that answer.
+
     Example:
         ```python
         from langchain_torouter import ChatRuleBased
@@ -124,6 +136,10 @@ class ChatRuleBased(BaseChatModel):
     tool_calling: bool = True
     """Set False to emulate a model without tool calling (``bind_tools`` then raises)."""
 
+    max_input_tokens: int = Field(default=32768, ge=1)
+    """Context window in tokens (words): reported in ``profile``; longer inputs raise
+    ``ContextOverflowError`` as a provider would."""
+
     streaming: bool = False
     """Make ``invoke`` go through the word-by-word stream (``on_llm_new_token`` fires per word)."""
 
@@ -136,6 +152,22 @@ class ChatRuleBased(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_name": self.model_name, "max_tokens": self.max_tokens, "stop": self.stop}
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        # Read by LangChain agents: SummarizationMiddleware's fractional limits need the
+        # context window; create_agent uses tool calling for structured output because
+        # there is no native (provider) structured output here.
+        return ModelProfile(max_input_tokens=self.max_input_tokens, text_inputs=True, text_outputs=True,
+                            image_inputs=False, tool_calling=self.tool_calling, tool_choice=self.tool_calling,
+                            tool_call_streaming=self.tool_calling, structured_output=False)
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens as this model counts them in usage: one per word."""
+        return len(_TOKEN.findall(text))
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
+        """Input tokens of ``messages`` as reported in ``usage_metadata`` (the text of each message)."""
+        return sum(len(_TOKEN.findall(_text(m))) for m in messages)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider="local", ls_model_name=kwargs.get("model") or self.model_name,
@@ -175,6 +207,12 @@ class ChatRuleBased(BaseChatModel):
             raise ValueError(f"tool_choice {choice!r} is not one of the bound tools {names}")
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
+        answers = [name for tool, name in zip(tools, names) if _is_schema_only(tool)]
+        structured = kwargs.get("ls_structured_output_format") or {}
+        if structured.get("schema") is not None:
+            answers.append(convert_to_openai_tool(structured["schema"])["function"]["name"])
+        if answers:
+            kwargs["answer_tools"] = sorted(set(answers))
         return super().bind(tools=formatted, **kwargs)
 
     # --- generation ------------------------------------------------------------------
@@ -213,9 +251,13 @@ class ChatRuleBased(BaseChatModel):
             raise TypeError(f"ChatRuleBased got unexpected keyword arguments {sorted(unknown)}")
         if not messages:
             raise ValueError("ChatRuleBased needs at least one message")
-        input_tokens = sum(len(_TOKEN.findall(_text(m))) for m in messages)
+        input_tokens = self.get_num_tokens_from_messages(messages)
+        if input_tokens > self.max_input_tokens:
+            raise ContextOverflowError(
+                f"{self.model_name}: {input_tokens} input tokens exceed max_input_tokens={self.max_input_tokens}")
         metadata: dict[str, Any] = {"model_name": self.model_name, "model_provider": "local"}
-        call = _tool_call(messages, kwargs.get("tools") or [], kwargs.get("tool_choice"))
+        call = _tool_call(messages, kwargs.get("tools") or [], kwargs.get("tool_choice"),
+                          set(kwargs.get("answer_tools") or ()), lambda: self._answer(messages))
         if call is not None:
             output_tokens = len(_TOKEN.findall(json.dumps(call["args"], ensure_ascii=False)))
             return AIMessage(
@@ -299,23 +341,42 @@ def _choice_name(tool_choice: Any) -> str | None:
     return None
 
 
-def _tool_call(messages: Sequence[BaseMessage], tools: list[dict[str, Any]], tool_choice: Any) -> dict | None:
+def _is_schema_only(tool: Any) -> bool:
+    """Whether a tool is a bare schema to answer through (structured output), not something to run."""
+    if isinstance(tool, type):
+        return True  # a Pydantic model, TypedDict or dataclass
+    return isinstance(tool, StructuredTool) and tool.func is None and tool.coroutine is None
+
+
+def _tool_call(messages: Sequence[BaseMessage], tools: list[dict[str, Any]], tool_choice: Any,
+               answer_tools: set[str], answer: Callable[[], str]) -> dict | None:
     if not tools or tool_choice in ("none", False):
         return None
     question = _question(messages)
     named = _choice_name(tool_choice)
     forced = named is not None or tool_choice in _FORCING
-    if not forced and isinstance(messages[-1], ToolMessage):
+    after_tool = isinstance(messages[-1], ToolMessage)
+    if not forced and after_tool:
         return None  # a tool already answered: reply in text
+    answers = [t for t in tools if t["function"]["name"] in answer_tools]
     if named is not None:
         tool = next(t for t in tools if t["function"]["name"] == named)
+    elif forced and answers and after_tool:
+        tool, _ = _best_tool(answers, question)  # a tool has answered: give the structured answer
     else:
         tool, relevance = _best_tool(tools, question)
         asks_for_tool = bool(re.search(r"\b(use|using|call)\b.*\btool\b", question, re.IGNORECASE))
-        if not forced and relevance == 0 and not (asks_for_tool and len(tools) == 1):
+        if forced and answers and relevance == 0:
+            tool, _ = _best_tool(answers, question)  # no tool to run fits: answer directly
+        elif not forced and relevance == 0 and not (asks_for_tool and len(tools) == 1):
             return None
     function = tool["function"]
-    args = _fill_args(function.get("parameters") or {}, function["name"], question)
+    if function["name"] in answer_tools:
+        text = answer()
+        args = _fill_args(function.get("parameters") or {}, function["name"], question,
+                          text=text, numbers_from=text)
+    else:
+        args = _fill_args(function.get("parameters") or {}, function["name"], question)
     call_id = "call_" + uuid.uuid5(uuid.NAMESPACE_URL, f"{function['name']}|{question}|{len(messages)}").hex[:16]
     return {"name": function["name"], "args": args, "id": call_id, "type": "tool_call"}
 
@@ -335,12 +396,20 @@ def _best_tool(tools: list[dict[str, Any]], question: str) -> tuple[dict[str, An
     return best, best_score
 
 
-def _fill_args(parameters: dict[str, Any], name: str, question: str) -> dict[str, Any]:
-    """Arguments for a tool call: ``name(1, 'x')`` in the question, else its numbers and quoted strings."""
+def _fill_args(parameters: dict[str, Any], name: str, question: str, text: str | None = None,
+               numbers_from: str | None = None) -> dict[str, Any]:
+    """Arguments for a tool call: ``name(1, 'x')`` in the question, else its numbers and quoted strings.
+
+    Required text arguments left over get ``text`` (default: the question); numbers are
+    read from ``numbers_from`` when it holds any (an answer tool reports the answer's numbers).
+    """
     properties: dict[str, Any] = parameters.get("properties") or {}
     required = set(parameters.get("required") or [])
     explicit = _explicit_args(name, question)
     numbers = [] if explicit is not None else [float(n) for n in _NUMBER.findall(question)]
+    if explicit is None and numbers_from is not None and _NUMBER.search(numbers_from):
+        numbers = [float(n) for n in _NUMBER.findall(numbers_from)]
+    text = question if text is None else text
     quoted = [a or b for a, b in _QUOTED.findall(question)]
     args: dict[str, Any] = {}
     for key, schema in properties.items():
@@ -356,8 +425,8 @@ def _fill_args(parameters: dict[str, Any], name: str, question: str) -> dict[str
         elif kind == "string" and quoted:
             value = quoted.pop(0)
         elif key in required:
-            value = {"integer": 0, "number": 0, "string": question, "boolean": False,
-                     "array": [], "object": {}}.get(kind, question)
+            value = {"integer": 0, "number": 0, "string": text, "boolean": False,
+                     "array": [], "object": {}}.get(kind, text)
         if value is None:
             continue
         if kind == "integer" and isinstance(value, float) and value.is_integer():

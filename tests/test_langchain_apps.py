@@ -18,7 +18,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
 from pydantic import ValidationError
 
-from langchain_standard.support import EXPERT_NAMES, rule_experts, trained_router
+from langchain_standard.support import EXPERT_NAMES, ChatDown, rule_experts, trained_router
 from langchain_torouter import ChatRuleBased, ChatTORouter, route_on_input
 
 CODE = "Write a Python function that checks whether a number is prime."
@@ -174,15 +174,8 @@ def test_assignment_and_model_copy_take_effect(llm):
 
 
 # --- conventions ---------------------------------------------------------------------------------------------------
-class ChatWordCounting(ChatRuleBased):
-    """A rule-based expert whose tokenizer counts words, as a provider's tokenizer counts its tokens."""
-
-    def get_token_ids(self, text: str) -> list[int]:
-        return list(range(len(text.split())))
-
-
 def test_profile_model_name_and_token_counts(router):
-    experts = {name: ChatWordCounting(model=name, profile={"max_input_tokens": limit, "tool_calling": name != "a"})
+    experts = {name: ChatRuleBased(model=name, profile={"max_input_tokens": limit, "tool_calling": name != "a"})
                for name, limit in zip(EXPERT_NAMES, (8000, 32000, 128000, 4000))}
     llm = ChatTORouter(experts=experts, router=router)
     assert llm.profile == {"max_input_tokens": 4000, "tool_calling": True}
@@ -191,7 +184,7 @@ def test_profile_model_name_and_token_counts(router):
     assert llm.get_num_tokens_from_messages([HumanMessage(CODE)]) >= len(CODE.split())
     # The forced expert's tokenizer counts for a model bound to it.
     assert llm.with_routing(model="med-7b")._counting_expert() is experts["med-7b"]
-    assert ChatTORouter(experts=rule_experts(), router=router).profile is None
+    assert ChatTORouter(experts={name: ChatDown() for name in EXPERT_NAMES}, router=router).profile is None
 
 
 def test_experts_as_init_chat_model_strings(router, monkeypatch):

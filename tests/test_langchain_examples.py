@@ -55,18 +55,34 @@ def test_rag_chain_accepts_a_saved_router(rag, tmp_path):
     assert results[0]["expert"] == "cloud-large"
 
 
-def test_agent_calls_tools_through_the_router(agent, capsys):
-    first, second = agent.main([])
-    calls = [m for m in first if isinstance(m, AIMessage) and m.tool_calls]
+def _ai(messages):
+    return [m for m in messages if isinstance(m, AIMessage)]
+
+
+def test_agent_routes_through_the_middleware_and_through_chat_torouter(agent, capsys):
+    results = agent.main([])
+    warfarin, product, quality_only = results["middleware"]
+    calls = [m for m in warfarin["messages"] if isinstance(m, AIMessage) and m.tool_calls]
     assert calls[0].tool_calls[0]["name"] == "drug_interactions"
     assert calls[0].tool_calls[0]["args"] == {"drug": "warfarin"}
-    tool_result = next(m for m in first if isinstance(m, ToolMessage))
+    tool_result = next(m for m in warfarin["messages"] if isinstance(m, ToolMessage))
     assert "bleeding risk" in tool_result.content
-    final = first[-1]
-    assert isinstance(final, AIMessage) and not final.tool_calls and "bleeding risk" in final.content
-    assert second[-1].content == "The multiply tool returned: 84.0"
-    for message in first + second:
-        if isinstance(message, AIMessage) and "torouter" in message.response_metadata:
-            routed = message.response_metadata["torouter"]
-            assert "edge-small" not in routed["ranking"]  # no tool calling: never routed to
-    assert "calls ['multiply']" in capsys.readouterr().out
+    assert warfarin["messages"][-1].content == f"The drug_interactions tool returned: {tool_result.content}"
+    assert product["messages"][-1].content == "The multiply tool returned: 84.0"
+    # The middleware decides once per run: one expert writes the tool call and the answer.
+    for run in results["middleware"]:
+        experts = {m.response_metadata["torouter"]["expert"] for m in _ai(run["messages"])}
+        assert experts == {run["decision"]["expert"]}
+        assert "edge-small" not in run["decision"]["ranking"]  # no tool calling: never routed to
+    assert warfarin["decision"]["expert"] == "med-7b"
+    assert quality_only["context"] == {"cost_weight": 0.0} and quality_only["decision"]["expert"] == "cloud-large"
+    # ChatTORouter as the agent's model routes each call, among the tool-capable experts.
+    for run, routed in zip(results["chat_model"], results["middleware"]):
+        assert run["messages"][-1].content == routed["messages"][-1].content
+        for message in _ai(run["messages"]):
+            decision = message.response_metadata["torouter"]
+            assert "edge-small" not in decision["ranking"]
+    assert _ai(results["chat_model"][0]["messages"])[0].response_metadata["torouter"]["expert"] == "med-7b"
+    out = capsys.readouterr().out
+    assert "TORouterMiddleware" in out and "ChatTORouter" in out
+    assert "med-7b: calls ['drug_interactions']" in out and "calls ['multiply']" in out

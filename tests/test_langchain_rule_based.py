@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import SummarizationMiddleware
+from langchain.agents.structured_output import ToolStrategy
+from langchain_core.exceptions import ContextOverflowError
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
@@ -21,6 +25,12 @@ def add(a: int, b: int) -> int:
 def get_weather(location: str) -> str:
     """Get the current weather for a location."""
     return "sunny"
+
+
+@tool
+def drug_interactions(drug: str) -> str:
+    """Look up the known interactions of a drug."""
+    return "aspirin raises the bleeding risk"
 
 
 def test_answers_arithmetic_and_context_questions():
@@ -122,3 +132,82 @@ def test_errors_are_clear():
         ChatRuleBased().invoke([])
     with pytest.raises(ValueError, match="modle"):
         ChatRuleBased(modle="typo")
+
+
+# --- what LangChain agents need -------------------------------------------------------------
+class Interaction(BaseModel):
+    """The known interactions of a drug."""
+
+    drug: str
+    interactions: str
+
+
+class Product(BaseModel):
+    """The result of a multiplication."""
+
+    value: int
+    explanation: str
+
+
+def _question(text: str) -> dict:
+    return {"messages": [HumanMessage(text)]}
+
+
+def test_agent_structured_output_calls_the_tools_then_the_answer_tool():
+    agent = create_agent(ChatRuleBased(), tools=[drug_interactions], response_format=ToolStrategy(Interaction))
+    out = agent.invoke(_question("Use the drug_interactions tool: what interacts with 'warfarin'?"),
+                       {"recursion_limit": 10})
+    calls = [c["name"] for m in out["messages"] if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert calls == ["drug_interactions", "Interaction"]
+    assert out["structured_response"] == Interaction(
+        drug="warfarin", interactions="The drug_interactions tool returned: aspirin raises the bleeding risk")
+
+
+def test_agent_structured_output_without_tools_answers_through_the_schema():
+    agent = create_agent(ChatRuleBased(), response_format=Product)  # auto strategy: tool calling here
+    out = agent.invoke(_question("What is 12 times 7?"))
+    assert out["structured_response"] == Product(value=84, explanation="The answer is 84.")
+
+
+def test_with_structured_output_function_calling_fills_the_answer():
+    model = ChatRuleBased().with_structured_output(Product, method="function_calling")
+    assert model.invoke("What is 6 times 7?") == Product(value=42, explanation="The answer is 42.")
+
+
+def test_profile_reports_the_context_window_and_capabilities():
+    profile = ChatRuleBased().profile
+    assert profile["max_input_tokens"] == 32768
+    assert profile["tool_calling"] is True and profile["structured_output"] is False
+    assert ChatRuleBased(tool_calling=False).profile["tool_calling"] is False
+    assert ChatRuleBased(max_input_tokens=100).profile["max_input_tokens"] == 100
+
+
+def test_inputs_over_the_context_window_overflow():
+    with pytest.raises(ContextOverflowError, match="5 input tokens exceed max_input_tokens=4"):
+        ChatRuleBased(max_input_tokens=4).invoke("What is 2 + 2?")
+
+
+def test_token_counts_match_the_reported_usage():
+    model = ChatRuleBased()
+    messages = [SystemMessage("Answer briefly."), HumanMessage("What is 2 + 2?")]
+    usage = model.invoke(messages).usage_metadata
+    assert model.get_num_tokens_from_messages(messages) == usage["input_tokens"] == 7
+    assert model.get_num_tokens("What is 2 + 2?") == 5
+
+
+def test_summarization_middleware_uses_the_profile():
+    # The 40-token window sets when to summarize; the summary prompt itself (~400 words)
+    # goes to a model with the default window, as it would overflow the small one.
+    summarizer = SummarizationMiddleware(model=ChatRuleBased(max_input_tokens=40), trigger=("fraction", 0.5),
+                                         keep=("messages", 2), summarizer=ChatRuleBased(model="summarizer"))
+    agent = create_agent(ChatRuleBased(), middleware=[summarizer])
+    history = [HumanMessage("Lima is the capital of Peru and the largest city of the country."),
+               AIMessage("Noted: Lima is the capital of Peru."),
+               HumanMessage("Warfarin is monitored with the INR test in most clinics."),
+               AIMessage("Noted: the INR test."),
+               HumanMessage("What is 2 + 2?")]
+    out = agent.invoke({"messages": history})
+    assert out["messages"][0].content.startswith("Here is a summary of the conversation to date:")
+    assert out["messages"][-1].content == "The answer is 4."
+    with pytest.raises(ValueError, match="Model profile information is required"):
+        SummarizationMiddleware(model=ChatRuleBased(profile={}), trigger=("fraction", 0.5))
