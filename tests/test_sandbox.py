@@ -5,7 +5,10 @@ matters, that the attack did not reach anything outside the sandbox. Each one is
 in time: the attacks that try to outlive their run check the wall clock too.
 """
 
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from torouter.prepare.scorers import run_code_tests
+from torouter.prepare.scorers import ScoreError, ScorerConfig, run_code_tests
 
 # Switches the in-process audit hook off: walks the frames up to the harness and clears the
 # list of blocked events. The hook is a convenience that names the refused call; the sandbox
@@ -175,7 +178,7 @@ for pid in pids:
     except OSError:
         pass
 """
-    scorer = ("import sys\nfrom torouter.prepare.scorers import run_code_tests\n"
+    scorer = ("import sys\nfrom torouter.prepare.scorers import ScoreError, ScorerConfig, run_code_tests\n"
               "result = run_code_tests(sys.stdin.read(), 'assert found == [], found', timeout_s=8)\n"
               "print(result.passed, result.detail)")
     env = dict(os.environ, TOROUTER_PROBE_API_KEY=secret)
@@ -294,3 +297,108 @@ def test_passing_program_may_print_anything():
     assert run_code_tests(code, "assert f() == 1", timeout_s=8).passed
     failing = run_code_tests("print('before')\ndef f():\n    return 1", "assert f() == 2, 'wrong'", timeout_s=8)
     assert not failing.passed and failing.detail == "AssertionError: wrong"
+
+
+# --------------------------------------------------------------------------- modes and failing closed
+
+PREPARE_DIR = Path(__file__).resolve().parent.parent / "shared" / "torouter" / "prepare"
+
+
+def test_unknown_mode_is_refused(monkeypatch):
+    with pytest.raises(ScoreError, match="unknown sandbox 'docker'"):
+        ScorerConfig("code", sandbox="docker")
+    monkeypatch.setenv("TOROUTER_SANDBOX", "none")
+    with pytest.raises(ScoreError, match="unknown sandbox TOROUTER_SANDBOX 'none'"):
+        run_code_tests("x = 1", "", timeout_s=5)
+
+
+def test_without_namespaces_the_scorer_fails_closed():
+    """Where namespaces are forbidden (a nested user namespace allowed none here), nothing runs."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare to forbid namespaces for one process")
+    script = ("import sys\n"
+              "open('/proc/sys/user/max_user_namespaces', 'w').write('0')\n"
+              "from torouter.prepare.scorers import ScoreError, run_code_tests\n"
+              "try:\n"
+              "    result = run_code_tests('import os\\nprint(os.getuid())', '', timeout_s=5)\n"
+              "except ScoreError as exc:\n"
+              "    print('REFUSED', exc)\n"
+              "else:\n"
+              "    print('RAN', result)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TOROUTER_SANDBOX"}
+    run = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script],
+                         capture_output=True, text=True, env=env, timeout=9)
+    if run.returncode != 0 and "unshare failed" in run.stderr:
+        pytest.skip(f"this machine forbids user namespaces outright: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("REFUSED"), run.stdout
+    assert "unshare" in run.stdout and "TOROUTER_SANDBOX=rlimits" in run.stdout
+
+
+def _interpreter_for_rlimits_mode():
+    """An interpreter the rlimits mode can run: as root it drops to uid 65534, which must reach it."""
+    candidates = [os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable),
+                  "/usr/local/bin/python3", "/usr/bin/python3"]
+    for path in candidates:
+        real = os.path.realpath(path)
+        if not os.path.isfile(real):
+            continue
+        if os.geteuid() != 0:
+            return real
+        parts = Path(real).parents
+        if all(p.stat().st_mode & stat.S_IXOTH for p in parts) and os.stat(real).st_mode & stat.S_IXOTH:
+            return real
+    return None
+
+
+def _run_rlimits(program: str, timeout_s: float) -> tuple[str, int, str]:
+    """Runs sandbox.py on its own (it needs only the standard library) under that interpreter."""
+    interpreter = _interpreter_for_rlimits_mode()
+    if interpreter is None:
+        pytest.skip("as root, the rlimits mode needs a Python that uid 65534 can run; none here")
+    script = (f"import json, sys\nsys.path.insert(0, {str(PREPARE_DIR)!r})\nimport sandbox\n"
+              f"r = sandbox.run_python(sys.stdin.read(), sandbox.Limits(timeout_s={timeout_s}), mode='rlimits')\n"
+              "print(json.dumps([r.status, r.exit_code, r.stderr[-2000:]]))\n")
+    run = subprocess.run([interpreter, "-I", "-c", script], input=program, capture_output=True, text=True,
+                         timeout=9, env={"PATH": "/usr/bin:/bin", "TOROUTER_PROBE_API_KEY": "sk-probe"})
+    assert run.returncode == 0, run.stderr
+    return tuple(json.loads(run.stdout))
+
+
+def test_rlimits_mode_runs_limited_and_needs_the_end():
+    status, code, err = _run_rlimits("import os\nprint(sorted(os.environ), os.getuid())\nassert 1 + 1 == 2", 5)
+    assert status == "finished" and code == 0, err
+    assert "TOROUTER_PROBE_API_KEY" not in err
+    if os.geteuid() == 0:
+        assert err.split()[-1] == "65534"  # root drops to nobody
+    status, code, err = _run_rlimits("import sys\nsys.exit(0)\nassert False", 5)
+    assert status == "exited" and code == 0
+
+
+def test_rlimits_mode_kills_every_descendant():
+    marker = f"torouter-rlimits-{uuid.uuid4().hex}"
+    # A daemon that leaves the session and closes its pipes, then the program finishes at once.
+    program = BYPASS_HOOK + f"""
+import os
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        for fd in (0, 1, 2):
+            os.close(fd)
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(20)  # {marker}"])
+    os._exit(0)
+os.wait()
+"""
+    status, code, err = _run_rlimits(program, 5)
+    assert status == "finished", err
+    _assert_no_process_with(marker)
+    start = time.monotonic()
+    status, _, err = _run_rlimits(BYPASS_HOOK + f"""
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(20)  # {marker}"])
+time.sleep(20)
+""", 1)
+    assert status == "timeout" and time.monotonic() - start < 5
+    _assert_no_process_with(marker)

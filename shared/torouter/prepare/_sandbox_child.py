@@ -368,7 +368,11 @@ def _run_namespaced(request, status_fd, root, binds, links, files):
         os.close(to_parent_r)
         try:
             if euid == 0:
-                os.setgroups([])  # root's supplementary groups would travel into the namespace
+                try:
+                    os.setgroups([])  # root's supplementary groups would travel into the namespace
+                except PermissionError:
+                    pass  # setgroups is denied in this (outer) user namespace: the groups are fixed
+            prctl(PR_SET_DUMPABLE, 1)  # an unprivileged launcher may write the maps of a dumpable child only
             _check(libc().unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
                                   | CLONE_NEWUTS), "unshare(user, mount, pid, net, ipc, uts namespaces)")
             os.write(to_parent_w, b"u")
