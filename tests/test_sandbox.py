@@ -189,6 +189,29 @@ for pid in pids:
     assert secret not in run.stdout
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="keyctl syscall numbers are x86_64's here")
+def test_session_keyring_is_unreachable():
+    # Keys in the scorer's session keyring (kerberos tickets, pam_keyinit logins) belong to
+    # whoever possesses that keyring, and a child inherits it.
+    code = BYPASS_HOOK + """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+found = libc.syscall(250, 10, -3, b"user", b"torouter-probe", 0)  # KEYCTL_SEARCH in the session keyring
+listed = os.path.exists("/proc/keys") and "torouter-probe" in open("/proc/keys").read()
+"""
+    scorer = ("import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+              "assert libc.syscall(250, 1, b'torouter-test') >= 0, 'join a session keyring'\n"
+              "assert libc.syscall(248, b'user', b'torouter-probe', b's3cret', 6, -3) > 0, 'add a key'\n"
+              "from torouter.prepare.scorers import run_code_tests\n"
+              "result = run_code_tests(sys.stdin.read(), 'assert found < 0 and not listed, (found, listed)', 8)\n"
+              "print(result.passed, result.detail)")
+    run = subprocess.run([sys.executable, "-c", scorer], input=code, capture_output=True, text=True, timeout=9)
+    if run.returncode != 0 and "keyring" in run.stderr:
+        pytest.skip(f"this machine forbids keyrings: {run.stderr.strip()[-200:]}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("True"), run.stdout
+
+
 def test_audit_hook_bypass_leaves_an_unprivileged_limited_process():
     code = BYPASS_HOOK + """
 import os, resource, subprocess, sys

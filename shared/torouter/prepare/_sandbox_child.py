@@ -8,7 +8,7 @@ library: it must not load the scorer's packages, and it runs before any isolatio
 Processes, in ``namespaces`` mode::
 
     launcher (host namespaces; writes the uid/gid maps, removes the scratch mount point)
-      └─ unshared (new user, mount, PID, network, IPC and UTS namespaces; uid 1000 inside)
+      └─ unshared (new user, mount, PID, network, IPC, UTS, cgroup namespaces; uid 1000 inside)
            └─ init (PID 1 of the new PID namespace: builds the root, enforces the deadline)
                 └─ program (no capabilities, rlimits, empty environment: the harness)
 
@@ -25,6 +25,7 @@ or ``timeout``.
 
 import json
 import os
+import resource  # here: after dropping to uid 65534 the module's file may be out of reach
 import signal
 import sys
 
@@ -34,7 +35,7 @@ INSIDE_ID = 1000
 HOST_ID_FOR_ROOT = 65534
 WORKDIR = "/sandbox"
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
@@ -43,6 +44,9 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "loongarch64": 219, "ppc64le": 271, "ppc64": 271,
+              "s390x": 280, "i686": 288, "i386": 288, "armv7l": 311, "armv8l": 311}
+KEYCTL_JOIN_SESSION_KEYRING = 1
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "ppc64": 203, "s390x": 217,
                   "i686": 217, "i386": 217, "armv7l": 218, "armv8l": 218, "loongarch64": 41}
 # Directories the dynamic loader and Python's extension modules read shared libraries from.
@@ -52,7 +56,8 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 # Runs in the program's process, after the sandbox is in place: reads the run's token from
 # stdin, keeps the real stdout for the token alone (the program's prints go to stderr),
 # installs an audit hook that names the refused call (a convenience: the isolation does not
-# depend on it), runs program.py and, only when it ran to its end, writes the token and exits.
+# depend on it), runs program.py as __main__ and, only when it ran to its end, writes the
+# token and exits.
 HARNESS = r'''
 import os, sys
 def _read_token():
@@ -78,10 +83,18 @@ def _guard(event, args):
         raise PermissionError(f"sandbox: {event} is not allowed")
 sys.addaudithook(_guard)
 del _guard, _read_token
-import runpy
 def _run(token, result):
+    # runpy.run_path would do the same with 30 ms of imports (pkgutil, typing) on every answer.
+    import types
+    main = types.ModuleType("__main__")
+    main.__file__ = "program.py"
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    sys.argv[0] = "program.py"
     try:
-        runpy.run_path("program.py", run_name="__main__")
+        with open("program.py", "rb") as f:
+            code = compile(f.read(), "program.py", "exec")
+        exec(code, main.__dict__)
     finally:
         sys.stdout.flush()
     sys.stderr.flush()
@@ -111,7 +124,6 @@ def libc():
         _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
         _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        _libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
         _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     return _libc
 
@@ -176,8 +188,6 @@ def wait_with_deadline(main_pid, timeout_s):
 
 
 def apply_limits(limits, extra_processes):
-    import resource
-
     mem = limits["memory_mb"] * 2**20
     cpu = max(1, int(limits["timeout_s"] + 0.999))
     nproc = limits["processes"] + extra_processes
@@ -198,8 +208,22 @@ def drop_privileges():
     _check(prctl(PR_SET_NO_NEW_PRIVS, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
+def leave_session_keyring():
+    """A new, empty session keyring: keys the scorer's session holds must not be the program's."""
+    import ctypes
+
+    number = SYS_KEYCTL.get(os.uname().machine)
+    if number is None:
+        raise SetupError(f"no keyctl syscall number for architecture {os.uname().machine}")
+    if libc().syscall(ctypes.c_long(number), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
+        err = ctypes.get_errno()
+        if err not in (38, 1):  # ENOSYS, EPERM: no keyrings here (a seccomp filter or a kernel without them)
+            raise SetupError(f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)} (errno {err})")
+
+
 def exec_harness(request, workdir, status_fd):
     """In the program's process: stdin carries the token, then the harness replaces this process."""
+    leave_session_keyring()
     read_end, write_end = os.pipe()
     os.write(write_end, request["token"].encode())
     os.close(write_end)
@@ -212,6 +236,42 @@ def exec_harness(request, workdir, status_fd):
         os.execve(interpreter, [interpreter, "-I", "-S", "-B", "-c", HARNESS], env)
     except OSError as exc:
         raise SetupError(f"cannot run the interpreter {interpreter} as uid {os.getuid()}: {exc}") from exc
+
+
+def make_private_dir():
+    """A new 0700 directory under the system's temp dir (tempfile costs this short-lived process 30 ms)."""
+    error = None
+    for base in ("/tmp", "/var/tmp", "/dev/shm"):
+        path = os.path.join(base, "torouter-sandbox-" + os.urandom(8).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            error = exc
+    raise SetupError(f"no temp directory to work in: {error}")
+
+
+def remove_tree(path):
+    """Delete the work directory without following the links the program may have left in it."""
+    for top, dirs, files, top_fd in os.fwalk(path, topdown=False):
+        for name in files:
+            try:
+                os.unlink(name, dir_fd=top_fd)
+            except OSError:
+                pass
+        for name in dirs:
+            try:
+                os.rmdir(name, dir_fd=top_fd)
+            except NotADirectoryError:
+                os.unlink(name, dir_fd=top_fd)  # a symlink to a directory
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -348,9 +408,7 @@ def run_namespaced(request, status_fd):
         raise SetupError(f"namespaces exist only on Linux, not on {sys.platform}")
     interpreter, binds, links, files = plan_view()
     request["interpreter"] = interpreter
-    import tempfile
-
-    root = tempfile.mkdtemp(prefix="torouter-sandbox-")  # only a mount point: never written to
+    root = make_private_dir()  # only a mount point: never written to
     try:
         _run_namespaced(request, status_fd, root, binds, links, files)
     finally:
@@ -374,7 +432,8 @@ def _run_namespaced(request, status_fd, root, binds, links, files):
                     pass  # setgroups is denied in this (outer) user namespace: the groups are fixed
             prctl(PR_SET_DUMPABLE, 1)  # an unprivileged launcher may write the maps of a dumpable child only
             _check(libc().unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
-                                  | CLONE_NEWUTS), "unshare(user, mount, pid, net, ipc, uts namespaces)")
+                                  | CLONE_NEWUTS | CLONE_NEWCGROUP),
+                   "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
             os.write(to_parent_w, b"u")
             if os.read(to_child_r, 1) != b"m":
                 os._exit(1)  # the launcher could not write the id maps (it reported why)
@@ -481,12 +540,9 @@ def kill_descendants(rounds=1000):
 
 
 def run_rlimited(request, status_fd):
-    import shutil
-    import tempfile
-
     request["interpreter"] = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
-    workdir = tempfile.mkdtemp(prefix="torouter-sandbox-")
+    workdir = make_private_dir()
     try:
         with open(os.path.join(workdir, "program.py"), "wb") as f:
             f.write(request["program"])
@@ -516,7 +572,7 @@ def run_rlimited(request, status_fd):
         kill_descendants()
         report(status_fd, "timeout" if status is None else f"exit {status}")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_tree(workdir)
 
 
 # --------------------------------------------------------------------------- entry
