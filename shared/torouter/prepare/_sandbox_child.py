@@ -235,7 +235,8 @@ def exec_harness(request, workdir, status_fd):
     try:
         os.execve(interpreter, [interpreter, "-I", "-S", "-B", "-c", HARNESS], env)
     except OSError as exc:
-        raise SetupError(f"cannot run the interpreter {interpreter} as uid {os.getuid()}: {exc}") from exc
+        raise SetupError(f"cannot run the interpreter {interpreter} as uid {os.getuid()} (that uid must be "
+                         f"able to read the Python installation and enter every directory above it): {exc}") from exc
 
 
 def make_private_dir():
