@@ -425,3 +425,22 @@ time.sleep(20)
 """, 1)
     assert status == "timeout" and time.monotonic() - start < 5
     _assert_no_process_with(marker)
+
+
+def test_rlimits_mode_bounds_processes():
+    marker = f"torouter-rlimits-bomb-{uuid.uuid4().hex}"
+    program = BYPASS_HOOK + f"""
+import os
+n = 0
+try:
+    while n < 40:
+        if os.fork() == 0:
+            os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(20)  # {marker}"])
+        n += 1
+except OSError:
+    pass
+assert n < 40, n
+"""
+    status, code, err = _run_rlimits(program, 5)
+    _assert_no_process_with(marker)
+    assert status == "finished", err

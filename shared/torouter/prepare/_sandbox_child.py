@@ -201,10 +201,14 @@ def apply_limits(limits, extra_processes):
 
 def drop_privileges():
     """No capability can come back: empty bounding and ambient sets, no_new_privs."""
+    import ctypes
+
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     for cap in range(64):
         if prctl(PR_CAPBSET_DROP, cap) != 0:
-            break  # past the last capability this kernel knows
+            if ctypes.get_errno() == 22:  # EINVAL: past the last capability this kernel knows
+                break
+            _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
     _check(prctl(PR_SET_NO_NEW_PRIVS, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
@@ -540,6 +544,21 @@ def kill_descendants(rounds=1000):
                 pass
 
 
+def tasks_of(uid):
+    """Processes and threads the host already runs as ``uid``: RLIMIT_NPROC counts them too here."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            if int(fields.get("Uid", "-1 0").split()[0]) == uid:
+                count += int(fields.get("Threads", "1"))
+    return count
+
+
 def run_rlimited(request, status_fd):
     request["interpreter"] = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -552,6 +571,7 @@ def run_rlimited(request, status_fd):
             for path in (workdir, os.path.join(workdir, "program.py")):
                 os.chown(path, HOST_ID_FOR_ROOT, HOST_ID_FOR_ROOT)
         launcher = os.getpid()
+        others = tasks_of(HOST_ID_FOR_ROOT if as_root else os.getuid())  # the scorer's own threads included
         program = os.fork()
         if program == 0:
             try:
@@ -561,7 +581,7 @@ def run_rlimited(request, status_fd):
                     os.setresgid(HOST_ID_FOR_ROOT, HOST_ID_FOR_ROOT, HOST_ID_FOR_ROOT)
                     os.setresuid(HOST_ID_FOR_ROOT, HOST_ID_FOR_ROOT, HOST_ID_FOR_ROOT)
                 die_with_parent(launcher)
-                apply_limits(request["limits"], extra_processes=0)
+                apply_limits(request["limits"], extra_processes=others)
                 _check(prctl(PR_SET_NO_NEW_PRIVS, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
                 exec_harness(request, workdir, status_fd)
             except SetupError as exc:
