@@ -93,7 +93,7 @@ def run_python(program: str, limits: Limits = Limits(), mode: str | None = None)
     mode = resolve_mode(mode)
     token = secrets.token_hex(16)
     header = {"mode": mode, "token": token, "parent": os.getpid(), "limits": asdict(limits)}
-    request = json.dumps(header).encode() + b"\n" + program.encode("utf-8", "surrogateescape")
+    request = json.dumps(header).encode() + b"\n" + program.encode("utf-8", "replace")
     status_r, status_w = os.pipe()
     try:
         proc = subprocess.Popen(
