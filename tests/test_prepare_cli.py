@@ -89,6 +89,7 @@ def test_code_metric_from_cli(workdir):
     (["--experts", "missing.yaml"], "missing.yaml: no such file"),
     (["--prompts", "nope.jsonl"], "nope.jsonl: no such file (or a named source: demo"),
     (["--score", "bleu"], "unknown metric 'bleu'"),
+    (["--score", "code", "--sandbox", "docker"], "unknown sandbox 'docker'; choose one of namespaces, rlimits"),
 ])
 def test_prepare_errors(workdir, args, message):
     base = {"--experts": "experts.yaml", "--prompts": "prompts.jsonl", "--out": "data.jsonl"}

@@ -212,6 +212,9 @@ def prepare(
     device: Optional[str] = typer.Option(None, help="torch device for scoring (default: cuda if available)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
     durable: bool = typer.Option(False, help="fsync every cached call (survives power loss, slower)."),
+    sandbox: Optional[str] = typer.Option(None, help="code: 'namespaces' (default) or 'rlimits' (weaker: only "
+                                                     "inside a disposable container; see SECURITY.md). "
+                                                     "Default: $TOROUTER_SANDBOX."),
 ):
     """Query every expert on every prompt, score the answers and write routing data (resumable)."""
     from .data import DataError
@@ -221,7 +224,8 @@ def prepare(
     config = None
     try:
         if score != "none":
-            config = ScorerConfig(metric=score, model=scorer_model, num_layers=layer, device=device)
+            config = ScorerConfig(metric=score, model=scorer_model, num_layers=layer, device=device,
+                                  sandbox=sandbox)
         summary = run_prepare(experts, prompts, out, score=config, cache=cache, limit=limit,
                               retry_failed=retry_failed, progress=progress, durable=durable)
     except (DataError, ManifestError, PrepareError, ScoreError, CacheError) as exc:
@@ -256,6 +260,9 @@ def score(
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available)."),
     timeout: float = typer.Option(10.0, help="code: seconds each answer's tests may run."),
     memory_mb: int = typer.Option(1024, help="code: memory limit per answer in MiB."),
+    sandbox: Optional[str] = typer.Option(None, help="code: 'namespaces' (default) or 'rlimits' (weaker: only "
+                                                     "inside a disposable container; see SECURITY.md). "
+                                                     "Default: $TOROUTER_SANDBOX."),
 ):
     """Score recorded answers against each record's reference."""
     from .data import DataError
@@ -263,7 +270,7 @@ def score(
 
     try:
         config = ScorerConfig(metric=metric, model=model, num_layers=layer, batch_size=batch_size, device=device,
-                              timeout_s=timeout, memory_mb=memory_mb)
+                              timeout_s=timeout, memory_mb=memory_mb, sandbox=sandbox)
         summary = rescore(data, out, config, progress=True)
     except (DataError, ScoreError) as exc:
         _fail(str(exc))

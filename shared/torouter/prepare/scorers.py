@@ -9,8 +9,10 @@ Metrics, every one on the [0, 1] scale the routing data uses:
 ``exact``      normalised exact match (case, punctuation, articles and spacing ignored).
 ``choice``     multiple-choice label match: letters (ARC), digits, or yes/no/maybe (PubMedQA).
 ``numeric``    the final number (GSM8K ``#### 18``, "the answer is 18", or the last number).
-``code``       the reference's assert tests run against the code in the answer, in a
-               subprocess with time and memory limits, in a temp dir, without network (MBPP).
+``code``       the reference's assert tests run against the code in the answer (MBPP), in
+               the sandbox of :mod:`torouter.prepare.sandbox`: an unprivileged uid in its own
+               namespaces, a read-only view of the Python installation only, no network,
+               time, memory and process limits. 1.0 only when the tests ran to their end.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ from __future__ import annotations
 import os
 import re
 import string
-import subprocess
-import sys
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,8 @@ from fractions import Fraction
 from functools import lru_cache
 
 from ..encoders import DEFAULT_ENCODER, default_device, resolve_model
+from .sandbox import MODES as SANDBOX_MODES
+from .sandbox import Limits, SandboxError, run_python
 
 METRICS = ("bertscore", "exact", "choice", "numeric", "code")
 DEFAULT_BERTSCORE_MODEL = DEFAULT_ENCODER
@@ -52,12 +53,16 @@ class ScorerConfig:
     timeout_s: float = 10.0           # code: wall-clock limit per answer
     memory_mb: int = 1024             # code: address-space limit per answer
     workers: int | None = None        # code: answers tested in parallel
+    processes: int = 16               # code: processes and threads per answer
+    sandbox: str | None = None        # code: "namespaces" or "rlimits" (default: $TOROUTER_SANDBOX)
 
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ScoreError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.batch_size <= 0:
-            raise ScoreError("timeout_s, memory_mb and batch_size must be positive")
+        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.batch_size <= 0 or self.processes <= 0:
+            raise ScoreError("timeout_s, memory_mb, processes and batch_size must be positive")
+        if self.sandbox is not None and self.sandbox not in SANDBOX_MODES:
+            raise ScoreError(f"unknown sandbox {self.sandbox!r}; choose one of {', '.join(SANDBOX_MODES)}")
 
     @property
     def signature(self) -> str:
@@ -66,7 +71,8 @@ class ScorerConfig:
             model = self.model or DEFAULT_BERTSCORE_MODEL
             return f"bertscore:{model}:L{bertscore_layer(model, self.num_layers)}"
         if self.metric == "code":
-            return f"code:t{self.timeout_s:g}:m{self.memory_mb}"
+            # v2: a pass needs the tests to run to their end (an early exit(0) passed before).
+            return f"code-v2:t{self.timeout_s:g}:m{self.memory_mb}:p{self.processes}"
         return self.metric
 
 
@@ -192,34 +198,6 @@ def extract_code(answer: str) -> str:
     return answer
 
 
-# Runs in the child before the answer's code: limits, no network, no new processes.
-_HARNESS = r'''
-import ctypes, os, resource, sys
-limit_mb, cpu_s = int(sys.argv[1]), int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 2**20, limit_mb * 2**20))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-libc = None
-try:  # an empty network namespace where the kernel allows it
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x40000000) != 0 and libc.unshare(0x10000000 | 0x40000000) != 0:
-        pass
-except OSError:
-    pass
-_BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-            "os.fork", "os.forkpty", "pty.", "ctypes.", "winreg.", "urllib.", "http.", "ftplib.",
-            "smtplib.", "webbrowser.")
-def _guard(event, args):
-    if event.startswith(_BLOCKED):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-sys.addaudithook(_guard)
-del _guard, ctypes, libc
-import runpy
-runpy.run_path("program.py", run_name="__main__")
-'''
-
-
 @dataclass
 class CodeResult:
     passed: bool
@@ -227,34 +205,28 @@ class CodeResult:
     detail: str = ""
 
 
-def run_code_tests(code: str, tests: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> CodeResult:
-    """Run ``code`` followed by ``tests`` in a sandboxed subprocess; passed means exit status 0."""
-    with tempfile.TemporaryDirectory(prefix="torouter-code-") as tmp:
-        with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
-            f.write(code + "\n\n" + tests + "\n")
-        with open(os.path.join(tmp, "harness.py"), "w", encoding="utf-8") as f:
-            f.write(_HARNESS)
-        # A bare environment: the answer's code must not see API keys or proxies.
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "PYTHONHASHSEED": "0"}
-        cpu = max(1, int(timeout_s + 0.999))
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "harness.py", str(memory_mb), str(cpu)], cwd=tmp, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-            return CodeResult(False, "timeout", f"killed after {timeout_s:g} s")
-    tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] if err else []
-    if proc.returncode == 0:
+def run_code_tests(code: str, tests: str, timeout_s: float = 10.0, memory_mb: int = 1024, *,
+                   processes: int = 16, sandbox: str | None = None) -> CodeResult:
+    """Run ``code`` followed by ``tests`` in the sandbox; passed means the tests ran to their end.
+
+    Raises ScoreError when the sandbox cannot be built (nothing is scored on a weaker one
+    unless ``sandbox="rlimits"`` or ``TOROUTER_SANDBOX=rlimits`` asks for it).
+    """
+    try:
+        run = run_python(code + "\n\n" + tests + "\n", Limits(timeout_s=timeout_s, memory_mb=memory_mb,
+                                                              processes=processes), mode=sandbox)
+    except (SandboxError, ValueError) as exc:
+        raise ScoreError(str(exc)) from exc
+    if run.finished:
         return CodeResult(True, "passed")
-    if proc.returncode in (-9, -24):  # SIGKILL / SIGXCPU: the CPU limit
-        return CodeResult(False, "timeout", f"CPU limit of {cpu} s")
-    return CodeResult(False, "failed", tail[0] if tail else f"exit status {proc.returncode}")
+    if run.status == "timeout":
+        return CodeResult(False, "timeout", f"killed after {timeout_s:g} s")
+    if run.exit_code in (-9, -24):  # SIGKILL / SIGXCPU: the CPU limit
+        return CodeResult(False, "timeout", f"CPU limit of {max(1, int(timeout_s + 0.999))} s")
+    if run.exit_code == 0:
+        return CodeResult(False, "failed", "the program exited before its tests finished")
+    tail = run.stderr.strip().splitlines()[-1:]
+    return CodeResult(False, "failed", tail[0] if tail else f"exit status {run.exit_code}")
 
 
 # --------------------------------------------------------------------------- scorers
@@ -311,7 +283,8 @@ class CodeScorer(Scorer):
         workers = cfg.workers or os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = pool.map(lambda pair: run_code_tests(extract_code(pair[0]), pair[1], cfg.timeout_s,
-                                                           cfg.memory_mb), zip(answers, references))
+                                                           cfg.memory_mb, processes=cfg.processes,
+                                                           sandbox=cfg.sandbox), zip(answers, references))
             return [1.0 if r.passed else 0.0 for r in results]
 
 
