@@ -49,9 +49,11 @@ QUESTIONS = [
     "How is the effect of warfarin monitored?",
 ]
 
+# The usual LCEL RAG prompt: retrieved context and the question in one user message. The
+# router reads the question alone (``torouter.routing_text`` takes it out of the template),
+# so the context cannot steer the choice of expert.
 PROMPT = ChatPromptTemplate.from_messages([
-    ("system", "Answer the question using only this context.\n\n{context}"),
-    ("human", "{question}"),
+    ("human", "Answer the question based only on the following context:\n{context}\n\nQuestion: {question}"),
 ])
 
 
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for question in QUESTIONS:
         message = chain.invoke(question)
         routed = message.response_metadata["torouter"]
-        results.append({"question": question, "answer": message.content, "expert": routed["expert"]})
+        results.append({"question": question, "answer": message.content, "expert": routed["expert"],
+                        "routed_on": llm.route(PROMPT.invoke({"context": "", "question": question})).routed_text})
         print(f"Q: {question}\n   -> {routed['expert']}: {message.content}")
 
     print("Streaming through the same chain:")

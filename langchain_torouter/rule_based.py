@@ -42,6 +42,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from torouter.data import content_text
+from torouter.routing_text import question_of
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _TOKEN = re.compile(r"\S+\s*|\s+")
@@ -87,10 +88,14 @@ def _format_number(value: float) -> str:
 
 
 def _question(messages: Sequence[BaseMessage]) -> str:
-    """The last line of the latest human message: what is being asked."""
+    """What is being asked: the question of a filled RAG template, else the last line of the latest human message."""
     for message in reversed(messages):
         if isinstance(message, HumanMessage):
-            lines = [line.strip() for line in _text(message).splitlines() if line.strip()]
+            text = _text(message)
+            question = question_of(text)
+            if question != text:
+                return question.strip()
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
             return lines[-1] if lines else ""
     return ""
 
@@ -304,7 +309,8 @@ def _context_sentences(messages: Sequence[BaseMessage], question: str) -> Iterat
     """Sentences of the system and human messages, except those of the question itself."""
     for message in messages:
         if isinstance(message, (SystemMessage, HumanMessage)):
-            for sentence in _SENTENCE.split(_text(message)):
+            text = _text(message).replace(question, " ") if question else _text(message)
+            for sentence in _SENTENCE.split(text):
                 sentence = sentence.strip()
                 if sentence and sentence not in question:
                     yield sentence

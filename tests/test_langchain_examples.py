@@ -38,7 +38,8 @@ def test_rag_chain_retrieves_and_routes(rag, capsys):
     assert metformin["answer"] == ("Metformin lowers blood glucose mainly by reducing hepatic glucose "
                                    "production.")
     assert by_question["What is the capital of Peru?"] == {
-        "question": "What is the capital of Peru?", "answer": "Lima is the capital of Peru.", "expert": "edge-small"}
+        "question": "What is the capital of Peru?", "answer": "Lima is the capital of Peru.", "expert": "edge-small",
+        "routed_on": "What is the capital of Peru?"}  # the question, not the template around it
     code = by_question["How would you write a function that reverses a string? Give Python code."]
     assert code["expert"] == "code-7b" and "s[::-1]" in code["answer"]
     streamed = next(r for r in results if r.get("streamed"))
