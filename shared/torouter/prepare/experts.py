@@ -17,8 +17,11 @@ An expert is built by exactly one of ``huggingface`` (a local causal LM, GGUF in
 ``langchain`` (a chat model by ``init_chat_model`` string or import path + kwargs),
 ``llamaindex`` (an LLM by import path + kwargs) or ``python`` (an import path of a
 callable, for custom endpoints). Keyword arguments may name environment variables as
-``${VAR}``; arguments that look like credentials (``api_key``, ``token``, ...) are held
-as ``SecretStr`` so they never reach reprs, logs, cache keys or output files.
+``${VAR}``: every value read that way is a secret, whatever its key (an ``x-api-key``
+header, a password inside a URL), masked by value in every error, log line, cached
+call and output record; arguments written literally under credential-like keys
+(``api_key``, ``token``, ``Authorization``, ...) are held as ``SecretStr`` so they never
+reach reprs, logs, cache keys or output files (see ``torouter.credentials``).
 """
 
 from __future__ import annotations

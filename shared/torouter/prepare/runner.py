@@ -176,7 +176,11 @@ class Runner:
             attempts += 1
             try:
                 answer = await self._invoke(expert, job)
-                return {"ok": True, **answer.to_json(), "attempts": attempts}
+                result = {"ok": True, **answer.to_json(), "attempts": attempts}
+                # An endpoint that echoes the request (a proxy, a debug server) must not
+                # carry a credential into the cache and the routing data.
+                result["text"] = expert.redact(result["text"])
+                return result
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
