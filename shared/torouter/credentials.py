@@ -41,6 +41,7 @@ SECRET_KEY = re.compile(
     r"(?i)(^|[_\-.])(api[_\-]?key|key|secret|password|passwd|passphrase|token|access[_\-]?token|"
     r"credentials?|authorization|auth|cookie)$")
 SECRET_ENV = re.compile(r"(?i)(API_?KEY|TOKEN|SECRET|PASSWORD)$")
+_SECRET_ENV_ENDINGS = ("APIKEY", "API_KEY", "TOKEN", "SECRET", "PASSWORD")  # SECRET_ENV, fast
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Key-like strings that provider error messages sometimes echo back.
 KEY_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{16,}|(?i:bearer)\s+[A-Za-z0-9_\-.=]{8,})")
@@ -88,6 +89,26 @@ def _forms(values: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+_environment_seen: dict | None = None
+_environment_secrets: frozenset[str] = frozenset()
+
+
+def _environment() -> frozenset[str]:
+    """Values of credential-like environment variables (``*_API_KEY``, ``*TOKEN``, ...).
+
+    Client libraries read these themselves (``OPENAI_API_KEY``), so their errors may echo
+    them though no ``${VAR}`` named them. Scanned again only when the environment changes.
+    """
+    global _environment_seen, _environment_secrets
+    raw = getattr(os.environ, "_data", None)  # CPython's undecoded copy: cheap to compare
+    if isinstance(raw, dict) and raw == _environment_seen:
+        return _environment_secrets
+    secrets = frozenset(v for k, v in os.environ.items()
+                        if k.upper().endswith(_SECRET_ENV_ENDINGS) and len(v) >= 6)
+    _environment_seen, _environment_secrets = (dict(raw) if isinstance(raw, dict) else None), secrets
+    return secrets
+
+
 def hide_secrets(value: Any, key: str = "") -> Any:
     """Wrap credential-looking string values (recursively, by key name) in ``SecretStr``."""
     if isinstance(value, Mapping):
@@ -115,7 +136,7 @@ class Redactor:
             register_secret(secret)
 
     def _all_forms(self) -> list[str]:
-        environment = frozenset(v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 6)
+        environment = _environment()
         state = (_version, len(self._secrets), environment)
         if self._cache[0] != state:
             with _known_lock:

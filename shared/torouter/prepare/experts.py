@@ -26,7 +26,6 @@ reach reprs, logs, cache keys or output files (see ``torouter.credentials``).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import json
@@ -39,10 +38,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Secret, ValidationError, field_validator, model_validator
 
 from ..credentials import MissingEnvironmentVariable, Redactor, hide_secrets, import_object, reveal
 from ..data import Prompt, content_text, prompt_text
+from .threads import ExpertThreads
 
 # Bumped when the way prompts are rendered for an expert changes, so cached answers
 # produced the old way are not reused.
@@ -344,6 +344,12 @@ class Expert:
         return False
 
     @cached_property
+    def threads(self) -> ExpertThreads:
+        """This expert's own threads for blocking calls, ``concurrency`` of them: a slow or hung
+        blocking expert cannot take the capacity of another."""
+        return ExpertThreads(self.concurrency, self.name)
+
+    @cached_property
     def settings_hash(self) -> str:
         blob = json.dumps(self.spec.settings(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -440,16 +446,40 @@ class LangChainExpert(Expert):
             cls = self._import(spec.class_)
             self._check_fields(cls, gen)
             self._llm = self._build(cls, {**gen, **kwargs}, spec.class_)
+        self._blocking = _langchain_blocks(self._llm)
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         messages = to_messages(prompt, self.spec.generation.system_prompt)
         stop = self.spec.generation.stop or None
         start = time.perf_counter()
-        message = await self._llm.ainvoke(messages, stop=stop)
+        if self._blocking:  # its ainvoke would borrow the event loop's small shared pool
+            message = await self.threads.run(self._llm.invoke, messages, stop=stop)
+        else:
+            message = await self._llm.ainvoke(messages, stop=stop)
         latency = time.perf_counter() - start
         usage = getattr(message, "usage_metadata", None) or {}
         return self._answer(content_text(message.content), prompt, usage.get("input_tokens"),
                             usage.get("output_tokens"), latency)
+
+
+def _langchain_blocks(llm: Any) -> bool:
+    """Whether a LangChain chat model has no async implementation of its own (it would run
+    its sync code in the event loop's default thread pool)."""
+    try:
+        from langchain_core.language_models.chat_models import BaseChatModel, SimpleChatModel
+    except ImportError:
+        return False
+    agenerate = getattr(type(llm), "_agenerate", None)
+    return agenerate is BaseChatModel._agenerate or agenerate is SimpleChatModel._agenerate
+
+
+def _llamaindex_blocks(llm: Any) -> bool:
+    """Whether a LlamaIndex LLM's ``achat`` is its sync ``chat`` (it would block the event loop)."""
+    try:
+        from llama_index.core.llms.custom import CustomLLM
+    except ImportError:
+        return False
+    return getattr(type(llm), "achat", None) is CustomLLM.achat
 
 
 def _usage_from(obj: Any) -> tuple[int | None, int | None]:
@@ -480,6 +510,7 @@ class LlamaIndexExpert(Expert):
         gen = self._generation_kwargs(self._GEN)
         self._check_fields(cls, gen)
         self._llm = self._build(cls, {**gen, **self._reveal(spec.kwargs)}, spec.class_)
+        self._blocking = _llamaindex_blocks(self._llm)
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         from llama_index.core.llms import ChatMessage
@@ -487,7 +518,10 @@ class LlamaIndexExpert(Expert):
         messages = [ChatMessage(role=m["role"], content=m["content"])
                     for m in to_messages(prompt, self.spec.generation.system_prompt)]
         start = time.perf_counter()
-        response = await self._llm.achat(messages)
+        if self._blocking:
+            response = await self.threads.run(self._llm.chat, messages)
+        else:
+            response = await self._llm.achat(messages)
         latency = time.perf_counter() - start
         input_tokens, output_tokens = _usage_from(response.raw)
         if input_tokens is None:
@@ -504,14 +538,18 @@ class PythonExpert(Expert):
         self._fn = self._import(self.spec.python.callable)
         if not callable(self._fn):
             raise ManifestError(f"expert {self.name!r}: {self.spec.python.callable!r} is not callable")
-        self._kwargs = self._reveal(self.spec.python.kwargs)
+        # Held wrapped between calls, unwrapped only to pass to the callable.
+        self._kwargs = Secret(self._reveal(self.spec.python.kwargs))
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         start = time.perf_counter()
+        kwargs = self._kwargs.get_secret_value()
         if inspect.iscoroutinefunction(self._fn):
-            result = await self._fn(prompt, **self._kwargs)
+            result = await self._fn(prompt, **kwargs)
         else:
-            result = await asyncio.to_thread(self._fn, prompt, **self._kwargs)
+            result = await self.threads.run(self._fn, prompt, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
         latency = time.perf_counter() - start
         if isinstance(result, Answer):
             if result.latency_s is None:
