@@ -329,3 +329,14 @@ def test_a_hung_sync_expert_does_not_starve_a_healthy_one(sync_experts, tmp_path
     assert summary.run.failed["hung"] == 20
     # Calls queued behind the hung ones never start: the hung expert holds at most its 8 threads.
     assert sync_experts.peak["hung"] == 8
+
+
+def test_a_non_finite_number_in_an_answer_is_recorded_as_missing(tmp_path):
+    async def odd(prompt, attempt):
+        return Answer(text="x", input_tokens=1, output_tokens=1, nll=float("nan"), latency_s=float("inf"))
+
+    out = tmp_path / "d.jsonl"
+    summary = prepare([ScriptedExpert("odd", odd)], PROMPTS[:2], out, score="exact", progress=False)
+    assert summary.run.done == {"odd": 2}
+    response = json.loads(out.read_text().splitlines()[0])["responses"]["odd"]
+    assert "nll" not in response and "latency_s" not in response and response["score"] == 0.0

@@ -245,15 +245,27 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a folder, not an experts manifest") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
+                            "save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
         raise ManifestError(f"{path}{at}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: YAML nested too deeply to read") from None
     if raw is None:
         raise ManifestError(f"{path}: empty manifest")
     return parse_manifest(raw, str(path))

@@ -123,7 +123,7 @@ class Router:
         from safetensors.numpy import save_file
 
         target = Path(path)
-        _check_replaceable(target)
+        check_replaceable(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
         try:
@@ -219,8 +219,9 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_replaceable(target: Path) -> None:
+def check_replaceable(target: str | os.PathLike) -> None:
     """Only a missing path, an empty directory or a saved router may be overwritten."""
+    target = Path(target)
     if not target.exists():
         return
     if not target.is_dir():
