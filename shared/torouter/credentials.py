@@ -40,8 +40,8 @@ MASK = "***"
 SECRET_KEY = re.compile(
     r"(?i)(^|[_\-.])(api[_\-]?key|key|secret|password|passwd|passphrase|token|access[_\-]?token|"
     r"credentials?|authorization|auth|cookie)$")
-SECRET_ENV = re.compile(r"(?i)(API_?KEY|TOKEN|SECRET|PASSWORD)$")
-_SECRET_ENV_ENDINGS = ("APIKEY", "API_KEY", "TOKEN", "SECRET", "PASSWORD")  # SECRET_ENV, fast
+# Environment variables whose names end like a credential's (OPENAI_API_KEY, HF_TOKEN, ...).
+SECRET_ENV_ENDINGS = ("APIKEY", "API_KEY", "TOKEN", "SECRET", "PASSWORD")
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Key-like strings that provider error messages sometimes echo back.
 KEY_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{16,}|(?i:bearer)\s+[A-Za-z0-9_\-.=]{8,})")
@@ -104,7 +104,7 @@ def _environment() -> frozenset[str]:
     if isinstance(raw, dict) and raw == _environment_seen:
         return _environment_secrets
     secrets = frozenset(v for k, v in os.environ.items()
-                        if k.upper().endswith(_SECRET_ENV_ENDINGS) and len(v) >= 6)
+                        if k.upper().endswith(SECRET_ENV_ENDINGS) and len(v) >= 6)
     _environment_seen, _environment_secrets = (dict(raw) if isinstance(raw, dict) else None), secrets
     return secrets
 
