@@ -2,6 +2,9 @@
 
 1. Runner throughput: 4 simulated experts that take 200 ms per call, 64 concurrent calls
    each, every call committed to the SQLite cache. Ideal: 4 * 64 / 0.2 = 1280 calls/s.
+   Then blocking (sync) experts, which run in threads: one sync Python expert taking
+   20 ms per call at ``concurrency: 32`` (ideal 32 / 0.02 = 1600 calls/s), and a hung sync
+   expert next to a healthy 20 ms one (how many of the healthy expert's calls time out).
 2. BERTScore pairs per second with the default (offline MiniLM) model.
 3. The offline pipeline end to end: the project's demo prompts, both local experts
    (SmolLM2-135M and Gemma 3 270M), BERTScore, then an MLP router trained and evaluated
@@ -18,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from torouter.data import RoutingDataset, write_jsonl  # noqa: E402
-from torouter.prepare import Answer, CallCache, Expert, Job, Runner, demo_prompts  # noqa: E402
+from torouter.prepare import Answer, CallCache, Expert, Job, Runner, demo_prompts, prepare  # noqa: E402
 from torouter.prepare.experts import parse_manifest  # noqa: E402
 from torouter.prepare.scorers import ScorerConfig, make_scorer  # noqa: E402
 
@@ -59,6 +63,57 @@ def bench_runner(n_prompts: int, delay: float = 0.2, concurrency: int = 64, n_ex
     rate = len(jobs) / wall
     return {"calls": len(jobs), "wall_s": wall, "calls_per_s": rate, "ideal": ideal, "ratio": rate / ideal,
             "failed": sum(stats.failed.values())}
+
+
+def sync_call(prompt, delay: float = 0.02):
+    """A blocking expert: a sync callable that takes ``delay`` seconds (like a sync HTTP client)."""
+    time.sleep(delay)
+    return {"text": f"answer to {prompt}", "input_tokens": 12, "output_tokens": 20}
+
+
+HUNG = threading.Event()
+
+
+def hung_call(prompt):
+    """A blocking expert that never answers within the run (released when the benchmark ends)."""
+    HUNG.wait(120)
+    return {"text": "too late", "input_tokens": 1, "output_tokens": 1}
+
+
+def _this_module() -> str:
+    # Experts are built from import paths; this file is importable under its own name.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return Path(__file__).stem
+
+
+def bench_sync(n_calls: int = 640, delay: float = 0.02, concurrency: int = 32) -> dict:
+    module = _this_module()
+    manifest = parse_manifest([{"name": "sync", "tier": "cloud", "concurrency": concurrency, "retries": 0,
+                                "python": {"callable": f"{module}:sync_call", "kwargs": {"delay": delay}}}])
+    prompts = [{"id": f"q{i}", "prompt": f"prompt {i}"} for i in range(n_calls)]
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = prepare(manifest, prompts, Path(tmp) / "d.jsonl", score=None, progress=False)
+    run = summary.run
+    return {"calls": run.calls, "wall_s": run.elapsed_s, "calls_per_s": run.calls_per_s,
+            "ideal": concurrency / delay, "failed": sum(run.failed.values())}
+
+
+def bench_hung(n_calls: int = 20) -> dict:
+    module = _this_module()
+    manifest = parse_manifest([
+        {"name": "hung", "tier": "cloud", "concurrency": 8, "retries": 0, "timeout_s": 0.5,
+         "python": {"callable": f"{module}:hung_call"}},
+        {"name": "healthy", "tier": "cloud", "concurrency": 4, "retries": 0, "timeout_s": 2.0,
+         "python": {"callable": f"{module}:sync_call", "kwargs": {"delay": 0.02}}}])
+    prompts = [{"id": f"q{i}", "prompt": f"prompt {i}"} for i in range(n_calls)]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = prepare(manifest, prompts, Path(tmp) / "d.jsonl", score=None, progress=False)
+    finally:
+        __import__(module).HUNG.set()
+    run = summary.run
+    return {"healthy_done": run.done["healthy"], "healthy_failed": run.failed["healthy"],
+            "hung_failed": run.failed["hung"], "wall_s": run.elapsed_s}
 
 
 def bench_bertscore(n_pairs: int) -> dict:
@@ -146,6 +201,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the end-to-end run here (resumable)")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--runner-only", action="store_true", help="only part 1 (no model is loaded)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPU cores")
 
@@ -155,6 +211,15 @@ def main() -> None:
         label = "with progress bar" if progress else "no progress bar  "
         print(f"  {label}: {r['calls']} calls in {r['wall_s']:.2f} s = {r['calls_per_s']:.0f} calls/s, "
               f"ideal {r['ideal']:.0f} -> {r['ratio']:.2f}x ideal (target >= 0.90x)")
+    r = bench_sync()
+    print(f"  sync expert, 20 ms per call, concurrency 32: {r['calls']} calls in {r['wall_s']:.2f} s = "
+          f"{r['calls_per_s']:.0f} calls/s, ideal {r['ideal']:.0f} ({r['failed']} failed)")
+    h = bench_hung()
+    print(f"  hung sync expert (8 threads, 0.5 s timeout) beside a healthy 20 ms one: healthy "
+          f"{h['healthy_done']} answered, {h['healthy_failed']} timed out; hung {h['hung_failed']} timed out "
+          f"({h['wall_s']:.1f} s)")
+    if args.runner_only:
+        return
 
     print("\n2. BERTScore with the default model (all-MiniLM-L6-v2, layer 6)")
     b = bench_bertscore(args.bertscore_pairs)

@@ -278,3 +278,57 @@ def test_synth_refuses_zero_records(tmp_path):
     result = invoke("synth", "--out", tmp_path / "d.jsonl", "--n", 0)
     assert result.exit_code != 0
     assert not (tmp_path / "d.jsonl").exists()
+
+
+# --- outputs that cannot be written: refused before any work, without a traceback -------------
+
+@pytest.fixture
+def blocker(tmp_path):
+    """A regular file where a folder would have to be."""
+    path = tmp_path / "blocker"
+    path.write_text("")
+    return path
+
+
+def test_train_refuses_an_unwritable_out_before_training(dataset, blocker, monkeypatch):
+    from torouter.routers import KNNRouter
+
+    def must_not_fit(self, *args, **kwargs):
+        raise AssertionError("trained although the router could not be saved")
+
+    monkeypatch.setattr(KNNRouter, "fit", must_not_fit)
+    output = fails("train", dataset[0], "--method", "knn", "--out", blocker / "r")
+    assert f"{blocker / 'r'}: cannot write there: {blocker} is not a folder" in output
+    output = fails("train", dataset[0], "--method", "knn", "--out", blocker)
+    assert f"{blocker}: cannot write there: it is a file, not a folder" in output
+
+
+def test_train_refuses_to_replace_a_folder_that_is_not_a_router(dataset, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    output = fails("train", dataset[0], "--method", "knn", "--out", precious)
+    assert "holds no saved router" in output and (precious / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["route", "eval", "edge", "synth", "import", "score"])
+def test_other_commands_refuse_an_unwritable_output(command, knn_dir, dataset, blocker, tmp_path):
+    target = blocker / "out.json"
+    args = {
+        "route": ("route", knn_dir, dataset[1], "--out", target),
+        "eval": ("eval", knn_dir, dataset[1], "--json", target),
+        "edge": ("edge", knn_dir, dataset[1], "--json", target),
+        "synth": ("synth", "--out", target),
+        "import": ("import", "routerbench", _routerbench_csv(tmp_path / "rb.csv"), "--out", target),
+        "score": ("score", dataset[1], "--metric", "exact", "--out", target),
+    }[command]
+    output = fails(*args)
+    assert f"{target}: cannot write there: {blocker} is not a folder" in output
+
+
+def test_train_on_non_utf8_data_names_the_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps({"id": "a", "prompt": "caf\u00e9", "responses": {"m": {"score": 0.5, "cost": 1}}},
+                               ensure_ascii=False).encode("latin-1") + b"\n")
+    output = fails("train", bad, "--method", "knn", "--out", tmp_path / "r")
+    assert f"{bad}:1: not valid UTF-8" in output

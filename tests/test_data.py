@@ -300,3 +300,45 @@ def test_atomic_write_replaces_existing(tmp_path):
     atomic_write(path, lambda h: h.write("new"))
     assert path.read_text(encoding="utf-8") == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_non_utf8_line_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((_line("a") + "\n").encode() + '{"id": "b", "prompt": "caf\xe9"}\n'.encode("latin-1"))
+    for read in (lambda: list(iter_jsonl(path)), lambda: list(iter_prompts(path)),
+                 lambda: RoutingDataset.from_jsonl(path)):
+        with pytest.raises(DataError) as info:
+            read()
+        message = str(info.value)
+        assert message.startswith(f"{path}:2: ") and "not valid UTF-8" in message and "0xe9" in message
+
+
+def test_deeply_nested_json_names_file_and_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    deep = '{"id": "x", "prompt": "hi", "responses": {"m": {"score": 0.5, "cost": 0.1, "extra": ' + \
+        "[" * 100_000 + "]" * 100_000 + "}}}"
+    path.write_text(_line("a") + "\n" + deep + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        list(iter_jsonl(path))
+    assert str(info.value).startswith(f"{path}:2: ") and "nested too deeply" in str(info.value)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (_line("a") + "\n").encode())
+    assert [r.id for r in iter_jsonl(path)] == ["a"]
+
+
+def test_check_writable_names_the_path_and_the_reason(tmp_path):
+    from torouter.data import OutputPathError, check_writable
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputPathError, match=rf"^{re.escape(str(tmp_path / 'file' / 'x.jsonl'))}: cannot write "
+                                              rf"there: {re.escape(str(tmp_path / 'file'))} is not a folder"):
+        check_writable(tmp_path / "file" / "x.jsonl")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OutputPathError, match="is a folder"):
+        check_writable(tmp_path / "dir")
+    check_writable(tmp_path / "dir", folder=True)          # a router directory may be a folder
+    check_writable(tmp_path / "new" / "deeper" / "x.jsonl")  # folders are created as needed
+    assert not any((tmp_path / "new" / "deeper").iterdir())  # and the probe leaves nothing behind

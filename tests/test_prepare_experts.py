@@ -259,3 +259,22 @@ def test_example_manifest_and_its_commented_experts_parse():
         body = "\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines())
         kinds.append(parse_manifest(yaml.safe_load("experts:\n" + body), str(path)).experts[0].kind)
     assert {"huggingface", "langchain", "llamaindex", "python"} <= set(kinds)
+
+
+def test_a_non_utf8_manifest_is_a_clear_error(tmp_path):
+    path = tmp_path / "experts.yaml"
+    path.write_bytes("experts:\n  - {name: caf\xe9, tier: edge, python: {callable: m.f}}\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=rf"^{path}: not valid UTF-8 \(byte 0xe9"):
+        load_manifest(path)
+
+
+def test_a_deeply_nested_manifest_is_a_clear_error(tmp_path):
+    path = tmp_path / "experts.yaml"
+    path.write_text("experts: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ManifestError, match=rf"^{path}: .*nested too deeply"):
+        load_manifest(path)
+
+
+def test_a_manifest_that_is_a_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ManifestError, match=rf"^{tmp_path}: is a folder"):
+        load_manifest(tmp_path)

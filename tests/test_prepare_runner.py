@@ -227,3 +227,116 @@ def test_progress_shows_done_and_failed_per_expert(tmp_path):
     assert re.search(r"6/6\s+0 failed\s+[\d.]+ calls/s", final["good"])
     assert re.search(r"6/6\s+6 failed", final["raises"])
     assert re.search(r"12/12\s+6 failed", final["all"])
+
+
+SYNC_MODULE = '''
+import threading
+import time
+
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+lock = threading.Lock()
+in_flight = {}
+peak = {}
+release = threading.Event()
+
+
+def _enter(tag):
+    with lock:
+        in_flight[tag] = in_flight.get(tag, 0) + 1
+        peak[tag] = max(peak.get(tag, 0), in_flight[tag])
+
+
+def _leave(tag):
+    with lock:
+        in_flight[tag] -= 1
+
+
+def slow(prompt, tag, delay):
+    _enter(tag)
+    try:
+        time.sleep(delay)
+    finally:
+        _leave(tag)
+    return {"text": f"{tag}: {prompt}", "input_tokens": 1, "output_tokens": 1}
+
+
+def hung(prompt, tag, delay):
+    # Blocks its thread until the test releases it (bounded, so no thread outlives the test by long).
+    _enter(tag)
+    try:
+        release.wait(30)
+    finally:
+        _leave(tag)
+    return {"text": "late", "input_tokens": 1, "output_tokens": 1}
+
+
+class SlowSyncChat(FakeListChatModel):
+    """A LangChain chat model with no async implementation of its own."""
+
+    delay: float = 0.05
+
+    def _call(self, messages, stop=None, run_manager=None, **kwargs):
+        _enter("langchain")
+        try:
+            time.sleep(self.delay)
+        finally:
+            _leave("langchain")
+        return "ok"
+'''
+
+
+@pytest.fixture
+def sync_experts(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "sync_experts.py").write_text(SYNC_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("sync_experts", None)
+    module = importlib.import_module("sync_experts")
+    yield module
+    module.release.set()
+
+
+def _sync(name, function, concurrency, delay, **settings):
+    return {"name": name, "tier": "cloud", "concurrency": concurrency, "retries": 0,
+            "python": {"callable": f"sync_experts:{function}", "kwargs": {"tag": name, "delay": delay}}, **settings}
+
+
+def test_sync_experts_really_run_concurrency_calls_at_once(sync_experts, tmp_path):
+    """Blocking callables get threads of their own: concurrency 16 means 16 calls in flight."""
+    manifest = parse_manifest([
+        _sync("wide", "slow", 16, 0.05),
+        _sync("narrow", "slow", 3, 0.05),
+        {"name": "langchain", "tier": "cloud", "concurrency": 12, "retries": 0,
+         "langchain": {"class": "sync_experts:SlowSyncChat", "kwargs": {"responses": ["ok"]}}},
+    ])
+    prompts = [{"id": f"q{i}", "prompt": f"p{i}"} for i in range(48)]
+    summary = prepare(manifest, prompts, tmp_path / "d.jsonl", score=None, progress=False)
+    assert summary.run.failed == {"wide": 0, "narrow": 0, "langchain": 0}
+    assert sync_experts.peak == {"wide": 16, "narrow": 3, "langchain": 12}
+
+
+def test_a_hung_sync_expert_does_not_starve_a_healthy_one(sync_experts, tmp_path):
+    manifest = parse_manifest([
+        _sync("hung", "hung", 8, 0.0, timeout_s=0.3),
+        _sync("healthy", "slow", 4, 0.02, timeout_s=2.0),
+    ])
+    prompts = [{"id": f"q{i}", "prompt": f"p{i}"} for i in range(20)]
+    summary = prepare(manifest, prompts, tmp_path / "d.jsonl", score=None, progress=False)
+    assert summary.run.done["healthy"] == 20 and summary.run.failed["healthy"] == 0
+    assert summary.run.failed["hung"] == 20
+    # Calls queued behind the hung ones never start: the hung expert holds at most its 8 threads.
+    assert sync_experts.peak["hung"] == 8
+
+
+def test_a_non_finite_number_in_an_answer_is_recorded_as_missing(tmp_path):
+    async def odd(prompt, attempt):
+        return Answer(text="x", input_tokens=1, output_tokens=1, nll=float("nan"), latency_s=float("inf"))
+
+    out = tmp_path / "d.jsonl"
+    summary = prepare([ScriptedExpert("odd", odd)], PROMPTS[:2], out, score="exact", progress=False)
+    assert summary.run.done == {"odd": 2}
+    response = json.loads(out.read_text().splitlines()[0])["responses"]["odd"]
+    assert "nll" not in response and "latency_s" not in response and response["score"] == 0.0

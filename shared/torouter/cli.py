@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +18,28 @@ app.add_typer(import_app, name="import")
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _writable(*paths: Optional[Path], folder: bool = False) -> None:
+    """Refuse, before any work is spent, outputs that cannot be written where they are asked for."""
+    from .data import OutputPathError, check_writable
+
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            check_writable(path, folder=folder)
+        except OutputPathError as exc:
+            _fail(str(exc))
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An output that fails while being written (a full disk) is a clear error, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        _fail(f"{path}: cannot write: {exc.strerror or exc}")
 
 
 def _load_dataset(path: Path):
@@ -51,6 +75,7 @@ def train(
 ):
     """Fit a router on routing data and save it."""
     from .routers import get_router_class, make_router
+    from .routers.base import check_replaceable
 
     try:
         cls = get_router_class(method)
@@ -63,13 +88,23 @@ def train(
     if unused:
         flags = {"n_clusters": "clusters"}
         _fail(f"router {method!r} does not use {', '.join('--' + flags.get(u, u) for u in unused)}")
+    _writable(out, folder=True)  # before training, which may take hours
+    try:
+        check_replaceable(out)
+    except FileExistsError as exc:
+        _fail(str(exc))
     dataset = _load_dataset(data)
     router = make_router(method, **given)
     try:
         router.fit(dataset)
     except ValueError as exc:
         _fail(str(exc))
-    router.save(out)
+    try:
+        router.save(out)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{out}: cannot save the router: {exc.strerror or exc}")
     info = ", ".join(f"{k}={v}" for k, v in router.fit_info_.items())
     typer.echo(f"trained {method} router on {len(dataset)} prompts over {len(router.experts_)} experts "
                f"({info}); saved to {out}")
@@ -86,13 +121,15 @@ def route(
     """Choose an expert for every prompt of a file."""
     from .data import DataError, iter_prompts, write_jsonl
 
+    _writable(out)
     router = _load_router(router_dir)
     try:
         ids, prompts = zip(*iter_prompts(data))
     except DataError as exc:
         _fail(str(exc))
     experts = router.route(list(prompts), cost_weight=cost_weight, max_cost=max_cost)
-    write_jsonl(out, ({"id": i, "expert": e} for i, e in zip(ids, experts)))
+    with _writing(out):
+        write_jsonl(out, ({"id": i, "expert": e} for i, e in zip(ids, experts)))
     typer.echo(f"routed {len(ids)} prompts to {out}")
 
 
@@ -106,6 +143,7 @@ def evaluate_cmd(
     """Report the router against every expert, random, best-single and the oracle."""
     import torouter.evaluate as ev
 
+    _writable(json_out, plot_out)
     router = _load_router(router_dir)
     dataset = _load_dataset(data)
     try:
@@ -114,10 +152,12 @@ def evaluate_cmd(
         _fail(str(exc))
     ev.print_report(report)
     if json_out:
-        ev.save_json(report, json_out)
+        with _writing(json_out):
+            ev.save_json(report, json_out)
         typer.echo(f"report: {json_out}")
     if plot_out:
-        ev.plot(report, plot_out)
+        with _writing(plot_out):
+            ev.plot(report, plot_out)
         typer.echo(f"plot: {plot_out}")
 
 
@@ -131,6 +171,7 @@ def edge(
     """Edge-to-cloud: how much can stay on the local expert, at what quality and cost."""
     import torouter.evaluate as ev
 
+    _writable(json_out)
     router = _load_router(router_dir)
     dataset = _load_dataset(data)
     try:
@@ -139,7 +180,8 @@ def edge(
         _fail(str(exc))
     ev.print_edge_report(report)
     if json_out:
-        ev.save_json(report, json_out)
+        with _writing(json_out):
+            ev.save_json(report, json_out)
         typer.echo(f"report: {json_out}")
 
 
@@ -164,11 +206,13 @@ def import_routerbench(
     from .data import DataError, write_jsonl
     from .importers import read_routerbench
 
+    _writable(out)
     try:
         records = read_routerbench(files, allow_pickle=allow_pickle)
     except DataError as exc:
         _fail(str(exc))
-    write_jsonl(out, records)
+    with _writing(out):
+        write_jsonl(out, records)
     experts = {name for r in records for name in r.responses}
     typer.echo(f"wrote {len(records)} records over {len(experts)} experts to {out}")
 
@@ -185,15 +229,19 @@ def synth(
     from .data import RoutingDataset, write_jsonl
     from .synthetic import make_synthetic
 
+    test_path = out.with_name(out.stem + ".test" + out.suffix)
+    _writable(out, test_path if test_fraction > 0 else None)
     records = make_synthetic(n, seed)
     if test_fraction > 0:
         train_set, test_set = RoutingDataset(records).split(test_fraction, seed)
-        write_jsonl(out, train_set.records)
-        test_path = out.with_name(out.stem + ".test" + out.suffix)
-        write_jsonl(test_path, test_set.records)
+        with _writing(out):
+            write_jsonl(out, train_set.records)
+        with _writing(test_path):
+            write_jsonl(test_path, test_set.records)
         typer.echo(f"wrote {len(train_set)} training records to {out} and {len(test_set)} to {test_path}")
     else:
-        write_jsonl(out, records)
+        with _writing(out):
+            write_jsonl(out, records)
         typer.echo(f"wrote {len(records)} records to {out}")
 
 
@@ -266,13 +314,14 @@ def score(
 ):
     """Score recorded answers against each record's reference."""
     from .data import DataError
-    from .prepare import ScoreError, ScorerConfig, rescore
+    from .prepare import PrepareError, ScoreError, ScorerConfig, rescore
 
+    _writable(out)
     try:
         config = ScorerConfig(metric=metric, model=model, num_layers=layer, batch_size=batch_size, device=device,
                               timeout_s=timeout, memory_mb=memory_mb, sandbox=sandbox)
         summary = rescore(data, out, config, progress=True)
-    except (DataError, ScoreError) as exc:
+    except (DataError, ScoreError, PrepareError) as exc:
         _fail(str(exc))
     typer.echo(f"scored {summary.scored} answers in {summary.records} records with {metric}; wrote {out}")
     for name, mean in summary.mean_score.items():

@@ -34,6 +34,10 @@ class DataError(ValueError):
     """Bad routing data; the message names the file and line."""
 
 
+class OutputPathError(ValueError):
+    """A file or folder torouter was asked to write cannot be written there; the message says why."""
+
+
 @dataclass
 class Record:
     """One prompt and what every expert answered to it."""
@@ -163,22 +167,35 @@ def validate_record(obj: Any, where: str) -> Record:
 
 
 def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
-    """Parsed JSON objects of a JSONL file with their ``file:line`` location."""
+    """Parsed JSON objects of a JSONL file (UTF-8, a byte order mark allowed) with their ``file:line``."""
     path = Path(path)
     count = 0
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a JSONL file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with handle:
-        for lineno, line in enumerate(handle, 1):
+        for lineno, raw in enumerate(handle, 1):
+            where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _fail(where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of "
+                                   "the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line, parse_constant=_reject_constant)
             except json.JSONDecodeError as exc:
                 raise _fail(where, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise _fail(where, "JSON nested too deeply to read") from None
             except ValueError as exc:
                 raise _fail(where, str(exc)) from None
             count += 1
@@ -211,6 +228,31 @@ def iter_prompts(path: str | os.PathLike) -> Iterator[tuple[str, Prompt]]:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Fail now, before any work is spent, if ``path`` cannot be written the way ``atomic_write``
+    (or, with ``folder``, a router's ``save``) writes it: a temp file beside it, renamed into place.
+
+    Missing parent folders are created, as writing would create them.
+    """
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise OutputPathError(f"{path}: cannot write there: it is a folder")
+    if path.exists() and not path.is_dir() and folder:
+        raise OutputPathError(f"{path}: cannot write there: it is a file, not a folder")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise OutputPathError(f"{path}: cannot write there: {ancestor} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputPathError(f"{path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

@@ -46,7 +46,8 @@ def _load_sentence_transformer(path: str, device: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the per-load "Loading weights" bar is noise here
-    return SentenceTransformer(path, device=device)
+    # Safetensors only: a model whose weights are pickled is refused, never unpickled.
+    return SentenceTransformer(path, device=device, model_kwargs={"use_safetensors": True})
 
 
 TRUNCATE = ("head", "tail")

@@ -17,13 +17,15 @@ An expert is built by exactly one of ``huggingface`` (a local causal LM, GGUF in
 ``langchain`` (a chat model by ``init_chat_model`` string or import path + kwargs),
 ``llamaindex`` (an LLM by import path + kwargs) or ``python`` (an import path of a
 callable, for custom endpoints). Keyword arguments may name environment variables as
-``${VAR}``; arguments that look like credentials (``api_key``, ``token``, ...) are held
-as ``SecretStr`` so they never reach reprs, logs, cache keys or output files.
+``${VAR}``: every value read that way is a secret, whatever its key (an ``x-api-key``
+header, a password inside a URL), masked by value in every error, log line, cached
+call and output record; arguments written literally under credential-like keys
+(``api_key``, ``token``, ``Authorization``, ...) are held as ``SecretStr`` so they never
+reach reprs, logs, cache keys or output files (see ``torouter.credentials``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import json
@@ -36,10 +38,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Secret, ValidationError, field_validator, model_validator
 
 from ..credentials import MissingEnvironmentVariable, Redactor, hide_secrets, import_object, reveal
 from ..data import Prompt, content_text, prompt_text
+from .threads import ExpertThreads
 
 # Bumped when the way prompts are rendered for an expert changes, so cached answers
 # produced the old way are not reused.
@@ -242,15 +245,27 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a folder, not an experts manifest") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
+                            "save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
         raise ManifestError(f"{path}{at}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: YAML nested too deeply to read") from None
     if raw is None:
         raise ManifestError(f"{path}: empty manifest")
     return parse_manifest(raw, str(path))
@@ -339,6 +354,12 @@ class Expert:
     def needs_reference(self) -> bool:
         """Whether answers depend on the reference (the expert computes its NLL)."""
         return False
+
+    @cached_property
+    def threads(self) -> ExpertThreads:
+        """This expert's own threads for blocking calls, ``concurrency`` of them: a slow or hung
+        blocking expert cannot take the capacity of another."""
+        return ExpertThreads(self.concurrency, self.name)
 
     @cached_property
     def settings_hash(self) -> str:
@@ -437,16 +458,40 @@ class LangChainExpert(Expert):
             cls = self._import(spec.class_)
             self._check_fields(cls, gen)
             self._llm = self._build(cls, {**gen, **kwargs}, spec.class_)
+        self._blocking = _langchain_blocks(self._llm)
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         messages = to_messages(prompt, self.spec.generation.system_prompt)
         stop = self.spec.generation.stop or None
         start = time.perf_counter()
-        message = await self._llm.ainvoke(messages, stop=stop)
+        if self._blocking:  # its ainvoke would borrow the event loop's small shared pool
+            message = await self.threads.run(self._llm.invoke, messages, stop=stop)
+        else:
+            message = await self._llm.ainvoke(messages, stop=stop)
         latency = time.perf_counter() - start
         usage = getattr(message, "usage_metadata", None) or {}
         return self._answer(content_text(message.content), prompt, usage.get("input_tokens"),
                             usage.get("output_tokens"), latency)
+
+
+def _langchain_blocks(llm: Any) -> bool:
+    """Whether a LangChain chat model has no async implementation of its own (it would run
+    its sync code in the event loop's default thread pool)."""
+    try:
+        from langchain_core.language_models.chat_models import BaseChatModel, SimpleChatModel
+    except ImportError:
+        return False
+    agenerate = getattr(type(llm), "_agenerate", None)
+    return agenerate is BaseChatModel._agenerate or agenerate is SimpleChatModel._agenerate
+
+
+def _llamaindex_blocks(llm: Any) -> bool:
+    """Whether a LlamaIndex LLM's ``achat`` is its sync ``chat`` (it would block the event loop)."""
+    try:
+        from llama_index.core.llms.custom import CustomLLM
+    except ImportError:
+        return False
+    return getattr(type(llm), "achat", None) is CustomLLM.achat
 
 
 def _usage_from(obj: Any) -> tuple[int | None, int | None]:
@@ -477,6 +522,7 @@ class LlamaIndexExpert(Expert):
         gen = self._generation_kwargs(self._GEN)
         self._check_fields(cls, gen)
         self._llm = self._build(cls, {**gen, **self._reveal(spec.kwargs)}, spec.class_)
+        self._blocking = _llamaindex_blocks(self._llm)
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         from llama_index.core.llms import ChatMessage
@@ -484,7 +530,10 @@ class LlamaIndexExpert(Expert):
         messages = [ChatMessage(role=m["role"], content=m["content"])
                     for m in to_messages(prompt, self.spec.generation.system_prompt)]
         start = time.perf_counter()
-        response = await self._llm.achat(messages)
+        if self._blocking:
+            response = await self.threads.run(self._llm.chat, messages)
+        else:
+            response = await self._llm.achat(messages)
         latency = time.perf_counter() - start
         input_tokens, output_tokens = _usage_from(response.raw)
         if input_tokens is None:
@@ -501,14 +550,18 @@ class PythonExpert(Expert):
         self._fn = self._import(self.spec.python.callable)
         if not callable(self._fn):
             raise ManifestError(f"expert {self.name!r}: {self.spec.python.callable!r} is not callable")
-        self._kwargs = self._reveal(self.spec.python.kwargs)
+        # Held wrapped between calls, unwrapped only to pass to the callable.
+        self._kwargs = Secret(self._reveal(self.spec.python.kwargs))
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         start = time.perf_counter()
+        kwargs = self._kwargs.get_secret_value()
         if inspect.iscoroutinefunction(self._fn):
-            result = await self._fn(prompt, **self._kwargs)
+            result = await self._fn(prompt, **kwargs)
         else:
-            result = await asyncio.to_thread(self._fn, prompt, **self._kwargs)
+            result = await self.threads.run(self._fn, prompt, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
         latency = time.perf_counter() - start
         if isinstance(result, Answer):
             if result.latency_s is None:

@@ -378,7 +378,7 @@ class HuggingFaceExpert(Expert):
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         cancel = threading.Event()
         try:
-            return await asyncio.to_thread(self.generate, prompt, reference, timeout_s, cancel)
+            return await self.threads.run(self.generate, prompt, reference, timeout_s, cancel)
         except asyncio.CancelledError:
             cancel.set()  # the worker thread stops at its next token
             raise

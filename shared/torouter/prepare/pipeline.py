@@ -18,8 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..data import (DataError, Prompt, Record, check_id_and_prompt, iter_json_objects, iter_jsonl,
-                    validate_record, write_jsonl)
+from ..data import (DataError, OutputPathError, Prompt, Record, check_id_and_prompt, check_writable,
+                    iter_json_objects, iter_jsonl, validate_record, write_jsonl)
 from .cache import CallCache, call_key, canonical_hash
 from .experts import Expert, Manifest, build_experts, load_manifest
 from .runner import Backoff, Job, Runner, RunStats
@@ -29,7 +29,21 @@ SCORE_CHUNK = 512  # answers scored (and their scores committed) per batch
 
 
 class PrepareError(RuntimeError):
-    pass
+    """prepare cannot go on (an output that cannot be written, nothing answered); the message says why."""
+
+
+def _check_out(out: Path) -> None:
+    try:
+        check_writable(out)
+    except OutputPathError as exc:
+        raise PrepareError(str(exc)) from None
+
+
+def _write_out(out: Path, records: Sequence[Record], saved_in: str) -> None:
+    try:
+        write_jsonl(out, records)
+    except OSError as exc:
+        raise PrepareError(f"{out}: cannot write: {exc.strerror or exc}; {saved_in}") from None
 
 
 @dataclass
@@ -237,6 +251,7 @@ def prepare(experts: str | os.PathLike | Manifest | Sequence[Expert],
     (score them later with ``rescore``).
     """
     out = Path(out)
+    _check_out(out)  # before any call is paid for
     if isinstance(experts, (str, os.PathLike)):
         experts = build_experts(load_manifest(experts))
     elif isinstance(experts, Manifest):
@@ -289,7 +304,8 @@ def prepare(experts: str | os.PathLike | Manifest | Sequence[Expert],
     records = assemble(items, experts, keys, results, scores)
     if not records:
         raise PrepareError("no expert answered any prompt; nothing to write")
-    write_jsonl(out, records)
+    _write_out(out, records, f"all {len(results)} calls are saved in {cache_path}: run the same command "
+                             "again to write it without making them again")
     return PrepareSummary(out=out, cache=cache_path, records=len(records), run=stats,
                           cached_calls=len(jobs) - len(pending), experts=_summaries(records, names),
                           problems=problems)
@@ -327,6 +343,8 @@ class RescoreSummary:
 def rescore(data: str | os.PathLike, out: str | os.PathLike, config: str | ScorerConfig = "bertscore",
             progress: bool = False) -> RescoreSummary:
     """Score every recorded answer of a routing-data file against its record's reference."""
+    out = Path(out)
+    _check_out(out)
     scorer = make_scorer(config)
     records = list(iter_jsonl(data))
     pairs, slots = [], {}
@@ -349,7 +367,7 @@ def rescore(data: str | os.PathLike, out: str | os.PathLike, config: str | Score
         response["score"] = scores.get(key)
         if response["score"] is not None:
             sums.setdefault(key.split("\0", 1)[1], []).append(response["score"])
-    write_jsonl(out, records)
+    _write_out(out, records, "nothing was written")
     scored = sum(len(v) for v in sums.values())
     return RescoreSummary(records=len(records), scored=scored, unscored=len(pairs) - scored,
                           mean_score={k: sum(v) / len(v) for k, v in sums.items()}, problems=problems)

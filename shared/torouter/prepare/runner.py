@@ -5,6 +5,10 @@ A call that hits a transient error (timeout, rate limit, 5xx, dropped connection
 retried with exponential backoff and full jitter, honouring ``Retry-After`` when the
 provider sends one. A call that still fails is committed as an error for that
 (prompt, expert), never as a score, and the run goes on.
+
+When the cache cannot be written (a full disk), no new call starts; the calls in flight
+finish and are committed if they can be, writes that failed are tried once more, and
+the run ends with a ``CacheError`` that says how many finished calls are saved.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data import Prompt
-from .cache import CallCache
+from .cache import CacheError, CallCache
 from .experts import Expert
 
 _TRANSIENT_NAMES = ("RateLimit", "Timeout", "TimedOut", "APIConnection", "ServiceUnavailable",
@@ -176,7 +180,11 @@ class Runner:
             attempts += 1
             try:
                 answer = await self._invoke(expert, job)
-                return {"ok": True, **answer.to_json(), "attempts": attempts}
+                result = {"ok": True, **answer.to_json(), "attempts": attempts}
+                # An endpoint that echoes the request (a proxy, a debug server) must not
+                # carry a credential into the cache and the routing data.
+                result["text"] = expert.redact(result["text"])
+                return result
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
@@ -212,12 +220,24 @@ class Runner:
         started = loop.time()
         display = RunProgress({n: len(js) for n, js in by_expert.items()}, self.progress, self.console)
 
+        write_errors: list[CacheError] = []
+        unsaved: list[tuple[Expert, Job, dict[str, Any]]] = []
+
+        def commit(expert: Expert, job: Job, result: dict[str, Any]) -> None:
+            self.cache.put(job.key, expert.name, expert.settings_hash, job.prompt_hash, result)
+            (stats.done if result["ok"] else stats.failed)[expert.name] += 1
+            display.advance(expert.name, result["ok"])
+
         async def worker(expert: Expert, queue) -> None:
             for job in queue:  # a shared iterator: each job goes to exactly one worker
+                if write_errors:  # the cache cannot take more: start no new call
+                    return
                 result = await self.call(expert, job)
-                self.cache.put(job.key, expert.name, expert.settings_hash, job.prompt_hash, result)
-                (stats.done if result["ok"] else stats.failed)[expert.name] += 1
-                display.advance(expert.name, result["ok"])
+                try:
+                    commit(expert, job, result)
+                except CacheError as exc:
+                    write_errors.append(exc)
+                    unsaved.append((expert, job, result))
 
         with display:
             async with asyncio.TaskGroup() as group:
@@ -227,4 +247,23 @@ class Runner:
                     for _ in range(min(expert.concurrency, len(expert_jobs))):
                         group.create_task(worker(expert, queue))
         stats.elapsed_s = loop.time() - started
+        if write_errors:
+            raise self._stopped(write_errors[0], unsaved, commit, stats, len(jobs))
         return stats
+
+    @staticmethod
+    def _stopped(error: CacheError, unsaved, commit, stats: RunStats, total: int) -> CacheError:
+        """Try the failed writes once more, then say what is saved and what to do."""
+        lost = 0
+        for expert, job, result in unsaved:
+            try:
+                commit(expert, job, result)
+            except CacheError:
+                lost += 1
+        saved = stats.calls
+        message = f"{error}. The run stopped: {saved} finished calls are saved"
+        if lost:
+            message += f", {lost} finished but could not be saved (they will be made again)"
+        message += (f"; {total - saved - lost} calls were not made. Free some space (or fix the cache) and run "
+                    "the same command to resume.")
+        return CacheError(message)

@@ -4,7 +4,11 @@ A router is a scikit-learn style estimator: hyper-parameters in ``__init__``,
 ``fit(dataset)`` learns state (attributes ending in ``_``), ``predict(prompts)``
 returns an ``(n_prompts, n_experts)`` array of quality estimates on the score scale
 (NaN where a router knows nothing about an expert), and ``save``/``load`` use a
-directory holding ``torouter.json`` plus safetensors weights. Loading never unpickles.
+directory holding ``torouter.json`` plus safetensors weights. Loading never unpickles:
+not the router's files, and not the encoder it names, which must have safetensors
+weights. Everything read is checked (types, shapes, checksums) and every problem is a
+``RouterFileError`` naming the file, so a damaged or hand-edited router fails at load,
+not at its first prediction.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +43,25 @@ class RouterFileError(ValueError):
 
 class NotFittedError(RuntimeError):
     pass
+
+
+def state_array(arrays: dict[str, np.ndarray], name: str, shape: tuple[int | None, ...], path: Path) -> np.ndarray:
+    """A saved array with the expected shape (``None``: any length on that axis), else RouterFileError."""
+    if name not in arrays:
+        raise RouterFileError(f"{path}: saved state lacks the array {name!r}")
+    array = arrays[name]
+    if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
+        wanted = "(" + ", ".join("n" if w is None else str(w) for w in shape) + ")"
+        raise RouterFileError(f"{path}: saved array {name!r} has shape {tuple(array.shape)}, expected {wanted}")
+    return array
+
+
+def state_number(extra: dict[str, Any], name: str, path: Path) -> float:
+    """A finite number saved in the config's ``state``, else RouterFileError."""
+    value = extra.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RouterFileError(f"{path / CONFIG_NAME}: state {name!r} must be a finite number, got {value!r}")
+    return float(value)
 
 
 class Router:
@@ -123,7 +149,7 @@ class Router:
         from safetensors.numpy import save_file
 
         target = Path(path)
-        _check_replaceable(target)
+        check_replaceable(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
         try:
@@ -161,6 +187,7 @@ class Router:
             raise RouterFileError(f"{directory / CONFIG_NAME}: {exc}") from None
         if cls is not Router and not issubclass(router_cls, cls):
             raise RouterFileError(f"{directory}: holds a {config['method']!r} router, not {cls.method!r}")
+        params = _checked_params(router_cls, config["params"], directory / CONFIG_NAME)
         for name, expected in config["files"].items():
             file = directory / name
             if not file.is_file():
@@ -174,17 +201,27 @@ class Router:
             arrays = load_file(str(directory / WEIGHTS_NAME))
         except (SafetensorError, OSError) as exc:
             raise RouterFileError(f"{directory}: cannot read {WEIGHTS_NAME}: {exc}") from None
-        known = set(router_cls._param_names())
-        params = {k: v for k, v in config["params"].items() if k in known}
         router = router_cls(**params)
         router.experts_ = list(config["experts"])
         router.expert_costs_ = {k: float(v) for k, v in config["expert_costs"].items()}
         router.fit_info_ = dict(config.get("fit_info", {}))
         try:
             router._set_state(arrays, config.get("state", {}), directory)
+        except RouterFileError:
+            raise
         except KeyError as exc:
             raise RouterFileError(f"{directory}: saved state lacks {exc}") from None
+        except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            raise RouterFileError(f"{directory}: saved state does not fit a {config['method']!r} router "
+                                  f"({type(exc).__name__}: {exc})") from None
+        router._check_sources(directory)
         return router
+
+    def _check_sources(self, directory: Path) -> None:
+        """Refuse at load what a router would need at its first prediction and could not use."""
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -198,6 +235,8 @@ def read_config(directory: Path) -> dict[str, Any]:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RouterFileError(f"{file}: corrupt JSON ({exc})") from None
+    except RecursionError:
+        raise RouterFileError(f"{file}: corrupt JSON (nested too deeply)") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise RouterFileError(f"{file}: not a torouter router config")
     version = config.get("format_version")
@@ -206,9 +245,68 @@ def read_config(directory: Path) -> dict[str, Any]:
     for key in ("method", "params", "experts", "expert_costs", "files"):
         if key not in config:
             raise RouterFileError(f"{file}: missing key {key!r}")
+    _check_types(config, directory, file)
     if set(config["experts"]) != set(config["expert_costs"]):
         raise RouterFileError(f"{file}: 'experts' and 'expert_costs' name different experts")
     return config
+
+
+def _check_types(config: dict[str, Any], directory: Path, file: Path) -> None:
+    """The config's fields have the types loading relies on (a hand-edited file may not)."""
+    if not isinstance(config["method"], str):
+        raise RouterFileError(f"{file}: 'method' must be a string, got {config['method']!r}")
+    experts = config["experts"]
+    if not isinstance(experts, list) or not experts or not all(isinstance(e, str) and e for e in experts):
+        raise RouterFileError(f"{file}: 'experts' must be a list of expert names, got {experts!r}")
+    seen: set[str] = set()
+    for name in experts:
+        if name in seen:
+            raise RouterFileError(f"{file}: duplicate expert {name!r} in 'experts'")
+        seen.add(name)
+    costs = config["expert_costs"]
+    if not isinstance(costs, dict):
+        raise RouterFileError(f"{file}: 'expert_costs' must map each expert to a cost >= 0, got {costs!r}")
+    for name, cost in costs.items():
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost < 0:
+            raise RouterFileError(f"{file}: 'expert_costs' must map each expert to a cost >= 0 "
+                                  f"(got {name!r}: {cost!r})")
+    for key in ("params", "fit_info", "state"):
+        if key in config and not isinstance(config[key], dict):
+            raise RouterFileError(f"{file}: {key!r} must be an object, got {config[key]!r}")
+    files = config["files"]
+    if not isinstance(files, dict) or not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in files.values()):
+        raise RouterFileError(f"{file}: 'files' must map file names to SHA-256 digests, got {files!r}")
+    root = directory.resolve()
+    for name in files:
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or not (root / relative).resolve().is_relative_to(root):
+            raise RouterFileError(f"{file}: file {name!r} is outside the router directory")
+    if WEIGHTS_NAME not in files:
+        raise RouterFileError(f"{file}: 'files' lacks {WEIGHTS_NAME}")
+
+
+def _checked_params(router_cls: type[Router], params: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The saved hyper-parameters the router takes, each of the type its constructor declares."""
+    from pydantic import TypeAdapter, ValidationError
+
+    hints = typing.get_type_hints(router_cls.__init__)
+    known = set(router_cls._param_names())
+    checked = {}
+    for name, value in params.items():
+        if name not in known:
+            continue
+        if name in hints:
+            try:
+                TypeAdapter(hints[name]).validate_python(value, strict=True)
+            except ValidationError:
+                raise RouterFileError(f"{file}: params.{name} must be {_type_name(hints[name])}, got {value!r}"
+                                      ) from None
+        checked[name] = value
+    return checked
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _digest(path: Path) -> str:
@@ -219,8 +317,9 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_replaceable(target: Path) -> None:
+def check_replaceable(target: str | os.PathLike) -> None:
     """Only a missing path, an empty directory or a saved router may be overwritten."""
+    target = Path(target)
     if not target.exists():
         return
     if not target.is_dir():
@@ -258,6 +357,11 @@ class EmbeddingRouter(Router):
     def _embed(self, texts: list[str]) -> np.ndarray:
         return self._encoder().encode(texts, show_progress=len(texts) >= 512)
 
+    def _check_sources(self, directory: Path) -> None:
+        problem = encoder_problem(self.encoder)
+        if problem is not None:
+            raise RouterFileError(f"{directory}: encoder {self.encoder!r}: {problem}")
+
     def fit(self, dataset: RoutingDataset, embeddings: np.ndarray | None = None) -> Router:
         """Fit; ``embeddings`` may pass the dataset's prompts already encoded with ``self.encoder``."""
         if embeddings is not None and len(embeddings) != len(dataset):
@@ -289,3 +393,40 @@ class EmbeddingRouter(Router):
                 "%d of %d training prompts are longer than the encoder's %d tokens; their tail is not read",
                 self.fit_info_["truncated"], len(texts), encoder.max_length)
         return self._embed(texts)
+
+
+# Weight files written with pickle (torch.save); ``openvino_model.bin`` and the like are not.
+_PICKLED = re.compile(r"(pytorch_model.*\.bin|.*\.(pt|pth|pkl|pickle|ckpt))$")
+
+
+def encoder_problem(name: str) -> str | None:
+    """Why a sentence encoder cannot be used without unpickling, or None when it can.
+
+    A local folder must hold safetensors weights, in every folder that holds pickled
+    ones too (a sentence-transformers module such as ``2_Dense``); a hub id is checked
+    in the local Hugging Face cache when it is there, and otherwise left to be fetched,
+    safetensors only, at first use.
+    """
+    from ..encoders import resolve_model
+
+    source = resolve_model(name)
+    folder = Path(source).expanduser()
+    if not folder.exists():
+        if source.startswith(("/", "./", "../", "~")) or folder.is_absolute():
+            return f"no such folder {folder}"
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not downloaded yet (or not a hub id): checked at first use
+            return None
+    if not folder.is_dir():
+        return f"{folder} is a file, not a model folder"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    pickled = [p for p in files if _PICKLED.fullmatch(p.name)]
+    unsafe = [p for p in pickled if not any(q.suffix == ".safetensors" for q in p.parent.iterdir())]
+    if unsafe or not any(p.suffix == ".safetensors" for p in files):
+        named = ", ".join(str(p.relative_to(folder)) for p in (unsafe or pickled)) or "no weights"
+        return (f"its weights are pickled ({named}), with no safetensors beside them; torouter never "
+                "unpickles: convert the model to safetensors (e.g. save_pretrained(..., safe_serialization=True))")
+    return None

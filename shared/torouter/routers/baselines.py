@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..data import RoutingDataset
-from .base import Router
+from .base import Router, RouterFileError, state_array
 
 
 class RandomRouter(Router):
@@ -46,7 +46,7 @@ class BestSingleRouter(Router):
         return {"mean_scores": self.mean_scores_}, {}
 
     def _set_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any], path: Path) -> None:
-        self.mean_scores_ = arrays["mean_scores"]
+        self.mean_scores_ = state_array(arrays, "mean_scores", (len(self.experts_),), path)
 
 
 class OracleRouter(Router):
@@ -78,6 +78,9 @@ class OracleRouter(Router):
         return {"scores": self.scores_}, {"texts": self.texts_}
 
     def _set_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any], path: Path) -> None:
-        self.scores_ = arrays["scores"]
-        self.texts_ = list(extra["texts"])
+        texts = extra.get("texts")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise RouterFileError(f"{path}: saved state 'texts' must be a list of prompts")
+        self.scores_ = state_array(arrays, "scores", (len(texts), len(self.experts_)), path)
+        self.texts_ = texts
         self._index = {t: i for i, t in enumerate(self.texts_)}

@@ -20,7 +20,7 @@ from ..data import RoutingDataset
 from ..encoders import DEFAULT_ENCODER, resolve_model
 from ..labels import DEFAULT_TEMPERATURE, fit_offset, quality_from_log_probs, soft_labels
 from ._training import pick_device, soft_label_loss
-from .base import Router, RouterFileError
+from .base import Router, RouterFileError, state_number
 
 MODEL_DIR = "model"
 log = logging.getLogger("torouter")
@@ -150,4 +150,4 @@ class BERTRouter(Router):
             raise RouterFileError(f"{path}: model has {model.config.num_labels} outputs for {len(self.experts_)} experts")
         self._device = pick_device(self.device)
         self._model = model.to(self._device).eval()
-        self.offset_ = float(extra["offset"])
+        self.offset_ = state_number(extra, "offset", path)

@@ -76,9 +76,10 @@ class ClusterRouter(EmbeddingRouter):
         return {"centroids": self.centroids_, "cluster_scores": self.cluster_scores_}, {}
 
     def _set_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any], path: Path) -> None:
-        from .base import RouterFileError
+        from .base import RouterFileError, state_array
 
-        centroids, table = arrays["centroids"], arrays["cluster_scores"]
+        centroids = state_array(arrays, "centroids", (None, None), path)
+        table = state_array(arrays, "cluster_scores", (None, None), path)
         if centroids.shape[0] != table.shape[0] or table.shape[1] != len(self.experts_):
             raise RouterFileError(f"{path}: cluster arrays {centroids.shape} / {table.shape} do not match "
                                   f"{len(self.experts_)} experts")

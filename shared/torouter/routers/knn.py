@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data import RoutingDataset
 from ..encoders import DEFAULT_ENCODER
-from .base import EmbeddingRouter
+from .base import EmbeddingRouter, RouterFileError, state_array
 
 
 class KNNRouter(EmbeddingRouter):
@@ -56,6 +56,9 @@ class KNNRouter(EmbeddingRouter):
         return {"embeddings": self.embeddings_, "scores": self.scores_, "mean_scores": self.mean_scores_}, {}
 
     def _set_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any], path: Path) -> None:
-        self.embeddings_ = arrays["embeddings"]
-        self.scores_ = arrays["scores"]
-        self.mean_scores_ = arrays["mean_scores"]
+        n_experts = len(self.experts_)
+        self.embeddings_ = state_array(arrays, "embeddings", (None, None), path)
+        self.scores_ = state_array(arrays, "scores", (len(self.embeddings_), n_experts), path)
+        self.mean_scores_ = state_array(arrays, "mean_scores", (n_experts,), path)
+        if not len(self.embeddings_):
+            raise RouterFileError(f"{path}: saved array 'embeddings' is empty")

@@ -94,9 +94,12 @@ class MLPRouter(EmbeddingRouter):
     def _set_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any], path: Path) -> None:
         import torch
 
-        from .base import RouterFileError
+        from .base import RouterFileError, state_number
 
-        net = _build(int(extra["in_dim"]), self.hidden, len(self.experts_), self.dropout)
+        in_dim = state_number(extra, "in_dim", path)
+        if in_dim != int(in_dim) or in_dim < 1:
+            raise RouterFileError(f"{path}: state 'in_dim' must be a positive whole number, got {in_dim!r}")
+        net = _build(int(in_dim), self.hidden, len(self.experts_), self.dropout)
         state = {k[len("net."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("net.")}
         try:
             net.load_state_dict(state)
@@ -104,4 +107,4 @@ class MLPRouter(EmbeddingRouter):
             raise RouterFileError(f"{path}: MLP weights do not match the config: {exc}") from None
         net.eval()
         self._net = net
-        self.offset_ = float(extra["offset"])
+        self.offset_ = state_number(extra, "offset", path)
