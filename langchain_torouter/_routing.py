@@ -9,6 +9,8 @@ make an expert's call a child run, and shapes the decision into response metadat
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -26,6 +28,7 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableLambda
 
 from torouter.policy import Decision
+from torouter.routers import Router
 
 try:  # context variables whose handlers LangChain adds to every run it configures
     from langchain_core.tracers.context import _configure_hooks as _CONFIGURE_HOOKS
@@ -281,6 +284,16 @@ def run_batch(invoke: Callable[[int], Any], return_exceptions: bool) -> Callable
         except Exception as exc:  # noqa: BLE001 - returned to the caller, as Runnable.batch does
             return exc
     return one
+
+
+def check_router(router: Any) -> Router | str | Path:
+    """A fitted router or the directory it was saved to (the pydantic ``router`` field's check)."""
+    if isinstance(router, os.PathLike) and not isinstance(router, Path):
+        return Path(router)
+    if not isinstance(router, (Router, str, Path)):
+        raise ValueError(f"router must be a fitted torouter Router or a saved router directory, "
+                         f"not a {type(router).__name__}")
+    return router
 
 
 def build_experts(experts: Any) -> dict[str, BaseChatModel]:

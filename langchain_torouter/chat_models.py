@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,9 +34,9 @@ from torouter.controller import (
 )
 from torouter.policy import Decision
 from torouter.routers import Router
-from torouter.routing_text import RouteOn
 
 from ._routing import (
+    check_router,
     METADATA_KEY,
     ROUTE_TEXT_KEY,
     ROUTING_OPTIONS,
@@ -201,12 +200,7 @@ class ChatTORouter(BaseChatModel):
     @field_validator("router", mode="before")
     @classmethod
     def _check_router(cls, router: Any) -> Any:
-        if isinstance(router, os.PathLike) and not isinstance(router, Path):
-            return Path(router)
-        if not isinstance(router, (Router, str, Path)):
-            raise ValueError(f"router must be a fitted torouter Router or a saved router directory, "
-                             f"not a {type(router).__name__}")
-        return router
+        return check_router(router)
 
     @model_validator(mode="after")
     def _build_controller(self) -> ChatTORouter:

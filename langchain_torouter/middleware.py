@@ -42,7 +42,7 @@ from torouter.policy import Decision
 from torouter.routers import Router
 from torouter.routing_text import RouteOn
 
-from ._routing import METADATA_KEY, messages_to_prompt
+from ._routing import METADATA_KEY, build_experts, check_router, messages_to_prompt
 
 MODES = ("per_run", "per_call")
 """When ``TORouterMiddleware`` decides: once per agent run, or at every model call."""
@@ -139,9 +139,7 @@ class TORouterMiddleware(AgentMiddleware[TORouterState, Any]):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        if not isinstance(experts, Mapping) or not experts:
-            raise ValueError("experts must be a non-empty dict of name -> chat model or init_chat_model string")
-        self.experts: dict[str, BaseChatModel] = {name: _chat_model(name, model) for name, model in experts.items()}
+        self.experts: dict[str, BaseChatModel] = build_experts(experts)
         self._controller = Controller(router, cost_weight, max_cost, route_on, dict(prices) if prices else None,
                                       default_expert, cache_size)
         self._controller.check_experts(self.experts)
@@ -298,17 +296,6 @@ class _Plan:
         return meta
 
 
-def _chat_model(name: str, model: Any) -> BaseChatModel:
-    if isinstance(model, str):
-        from langchain.chat_models import init_chat_model
-
-        return init_chat_model(model)
-    if not isinstance(model, BaseChatModel):
-        raise ValueError(f"expert {name!r} is a {type(model).__name__}, not a LangChain chat model "
-                         "or an init_chat_model string")
-    return model
-
-
 def _option(context: Any, key: str) -> Any:
     if context is None:
         return None
@@ -414,12 +401,7 @@ class TORouterDecisionModel(BaseDecisionModel):
     @field_validator("router", mode="before")
     @classmethod
     def _check_router(cls, router: Any) -> Any:
-        if isinstance(router, os.PathLike) and not isinstance(router, Path):
-            return Path(router)
-        if not isinstance(router, (Router, str, Path)):
-            raise ValueError(f"router must be a fitted torouter Router or a saved router directory, "
-                             f"not a {type(router).__name__}")
-        return router
+        return check_router(router)
 
     @model_validator(mode="after")
     def _build_controller(self) -> TORouterDecisionModel:
