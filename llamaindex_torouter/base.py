@@ -56,7 +56,7 @@ from torouter.policy import Decision
 from torouter.routers import Router
 from torouter.routing_text import ROUTE_ON
 
-from .templates import question_in_template, query_of
+from .templates import query_of, question_in_template, template_prompt
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -531,7 +531,8 @@ class TORouterLLM(FunctionCallingLLM):
 
     def _prompt(self, prompt: str | Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
         if isinstance(prompt, str):
-            return question_in_template(prompt)
+            turns = template_prompt(prompt)
+            return prompt if turns is None else turns
         if not prompt:
             raise ValueError("TORouterLLM got an empty message list: there is nothing to route on")
         return _as_prompt(prompt)

@@ -99,8 +99,7 @@ def extractive_answer(text: str) -> str:
     """The sentence of ``text`` sharing the most words with its question (ties: the earliest)."""
     question = _question(text)
     wanted = _words(question)
-    at = text.rfind(question)
-    body = text[:at] + text[at + len(question):] if question and at >= 0 else text
+    body = text.replace(question, "\n") if question else text  # also where an earlier answer repeats it
     best, best_overlap = "", 0
     for sentence in (s.strip() for s in _SENTENCE_END.split(body)):
         overlap = len(wanted & _words(sentence))

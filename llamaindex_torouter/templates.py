@@ -46,12 +46,16 @@ def query_of(prompt: BasePromptTemplate, prompt_args: Mapping[str, Any], llm: An
 
 
 def _pattern(template: str, wanted: str) -> re.Pattern[str]:
-    """A regex matching ``template`` filled in, capturing the ``wanted`` field as group ``q``."""
+    """A regex matching ``template`` filled in: the ``wanted`` field is group ``q``, ``chat_history`` group ``h``."""
     parts = []
     for literal, field, _, _ in string.Formatter().parse(template.strip()):
         parts.append(re.escape(literal))
-        if field is not None:
-            parts.append("(?P<q>.*?)" if field == wanted else ".*?")
+        if field == wanted:
+            parts.append("(?P<q>.*?)")
+        elif field == "chat_history":
+            parts.append("(?P<h>.*?)")
+        elif field is not None:
+            parts.append(".*?")
     return re.compile("".join(parts), re.DOTALL)
 
 
@@ -80,11 +84,43 @@ def _known_templates() -> tuple[re.Pattern[str], ...]:
     return tuple(_pattern(template, field) for template, field in found)
 
 
-def question_in_template(text: str) -> str:
-    """The user's words if ``text`` is one of LlamaIndex's filled wrapper templates, else ``text``."""
+# How LlamaIndex writes a conversation into a condense prompt (generic_utils.messages_to_history_str).
+_HISTORY_TURN = re.compile(r"^(user|assistant|system|developer|tool|function|chatbot|model): ", re.MULTILINE)
+
+
+def _history_turns(history: str) -> list[dict[str, str]]:
+    """The ``role: content`` turns of a conversation written into a prompt, oldest first."""
+    marks = list(_HISTORY_TURN.finditer(history))
+    return [{"role": mark.group(1), "content": history[mark.end():end].strip()}
+            for mark, end in zip(marks, [m.start() for m in marks[1:]] + [len(history)])]
+
+
+def _match(text: str) -> re.Match[str] | None:
     stripped = text.strip()
     for pattern in _known_templates():
         match = pattern.fullmatch(stripped)
         if match and match.group("q").strip():
-            return match.group("q").strip()
-    return text
+            return match
+    return None
+
+
+def question_in_template(text: str) -> str:
+    """The user's words if ``text`` is one of LlamaIndex's filled wrapper templates, else ``text``."""
+    match = _match(text)
+    return match.group("q").strip() if match else text
+
+
+def template_prompt(text: str) -> list[dict[str, str]] | None:
+    """A filled wrapper template sent as a whole prompt, as the conversation it stands for.
+
+    A condense prompt holds the conversation so far and the follow-up; read as turns,
+    ``recent_user`` and ``conversation`` routing reads it as it reads the chat turns
+    the engine sends next, so condensing and answering share one decision. None when
+    ``text`` is not such a template.
+    """
+    match = _match(text)
+    if match is None:
+        return None
+    history = match.groupdict().get("h")
+    turns = _history_turns(history) if history else []
+    return [*turns, {"role": "user", "content": match.group("q").strip()}]
