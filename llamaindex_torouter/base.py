@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -69,10 +69,15 @@ ROUTING_KWARGS = ("expert", "allowed", "cost_weight", "max_cost", "route_prompt"
 # Settings that can be changed on a built TORouterLLM; each is checked and takes effect at once.
 LIVE_SETTINGS = ("cost_weight", "max_cost", "route_on", "default_expert", "sticky", "fallbacks", "allowed")
 
-RouteOnSetting = Union[Literal["last_user", "recent_user", "conversation"], Callable[..., str]]
+RouteOnSetting = Literal["last_user", "recent_user", "conversation"] | Callable[..., str]
 
 # Routing options set for a block of code by ``TORouterLLM.routing_options``, by router id.
-_SCOPED_OPTIONS: ContextVar[Mapping[int, Mapping[str, Any]]] = ContextVar("torouter_routing_options", default={})
+_SCOPED_OPTIONS: ContextVar[Mapping[int, Mapping[str, Any]] | None] = ContextVar("torouter_routing_options",
+                                                                                 default=None)
+
+
+def _scoped() -> Mapping[int, Mapping[str, Any]]:
+    return _SCOPED_OPTIONS.get() or {}
 
 
 class RoutingDecisionEvent(BaseEvent):
@@ -494,10 +499,10 @@ class TORouterLLM(FunctionCallingLLM):
                                                      ("max_cost", max_cost)) if v is not None}
         if allowed is not None:
             options["allowed"] = [allowed] if isinstance(allowed, str) else list(allowed)
-        merged = {**_SCOPED_OPTIONS.get().get(id(self), {}), **options}
+        merged = {**_scoped().get(id(self), {}), **options}
         self._candidates(False, merged.get("expert"), merged.get("allowed"))
         check_cost_options(merged.get("cost_weight", self.cost_weight), merged.get("max_cost", self.max_cost))
-        token = _SCOPED_OPTIONS.set({**_SCOPED_OPTIONS.get(), id(self): merged})
+        token = _SCOPED_OPTIONS.set({**_scoped(), id(self): merged})
         try:
             yield self
         finally:
@@ -569,7 +574,7 @@ class TORouterLLM(FunctionCallingLLM):
         """Routing options (block options under call options), tools (or None), what is left for the
         expert, and the prompt to route on instead of the request (or None)."""
         rest = dict(kwargs)
-        routing = {**_SCOPED_OPTIONS.get().get(id(self), {}),
+        routing = {**_scoped().get(id(self), {}),
                    **{k: rest.pop(k) for k in ROUTING_KWARGS if k in rest}}
         route_prompt = routing.pop("route_prompt", None)
         return routing, rest.pop("tools", None), rest, route_prompt

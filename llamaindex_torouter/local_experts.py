@@ -66,8 +66,9 @@ _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from has have how i in is it its of on or that the this to "
     "was what when where which who why with you your".split())
 # A tool in LlamaIndex's ReAct header (see llama_index.core.agent.react.formatter).
-_REACT_TOOL = re.compile(r"^> Tool Name: (?P<name>[^\n]+)\nTool Description: (?P<desc>.*?)\nTool Args: (?P<args>[^\n]*)",
-                         re.MULTILINE | re.DOTALL)
+_REACT_TOOL = re.compile(
+    r"^> Tool Name: (?P<name>[^\n]+)\nTool Description: (?P<desc>.*?)\nTool Args: (?P<args>[^\n]*)",
+    re.MULTILINE | re.DOTALL)
 _HANDOFF_AGENTS = re.compile(r"Currently available agents:\s*(\{.*\})", re.DOTALL)
 _HANDOFF_RESULT = re.compile(r"^Agent \S+ is now handling the request")
 _REACT_DONE = "Thought: I can answer without using any more tools. I'll use the user's language to answer\nAnswer: "

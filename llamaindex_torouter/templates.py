@@ -92,7 +92,7 @@ def _history_turns(history: str) -> list[dict[str, str]]:
     """The ``role: content`` turns of a conversation written into a prompt, oldest first."""
     marks = list(_HISTORY_TURN.finditer(history))
     return [{"role": mark.group(1), "content": history[mark.end():end].strip()}
-            for mark, end in zip(marks, [m.start() for m in marks[1:]] + [len(history)])]
+            for mark, end in zip(marks, [m.start() for m in marks[1:]] + [len(history)], strict=True)]
 
 
 def _match(text: str) -> re.Match[str] | None:

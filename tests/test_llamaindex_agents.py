@@ -101,7 +101,7 @@ def decisions():
 async def run(agent, question: str, **kwargs):
     """Run an agent; returns its result and its AgentOutput, AgentStream and ToolCallResult events."""
     handler = agent.run(question, **kwargs)
-    events = [e async for e in handler.stream_events() if isinstance(e, (AgentOutput, AgentStream, ToolCallResult))]
+    events = [e async for e in handler.stream_events() if isinstance(e, AgentOutput | AgentStream | ToolCallResult)]
     return await handler, events
 
 

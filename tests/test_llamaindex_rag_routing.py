@@ -134,10 +134,10 @@ def test_default_query_engine_routes_on_the_query(index, router, bare, decisions
         elif mode == "aquery":
             answer = str(asyncio.run(engine.aquery(question)))
         else:
-            async def consume():
-                response = await engine.aquery(question)
+            async def consume(text):
+                response = await engine.aquery(text)
                 return "".join([token async for token in response.async_response_gen()])
-            answer = asyncio.run(consume())
+            answer = asyncio.run(consume(question))
         assert_routed_on(decisions, question, bare[0][question])
         assert answer.startswith(f"[{bare[0][question]}] ")
     # Long context does not fit one call: the refine steps route on the same query, from the cache.
