@@ -1,16 +1,18 @@
 """Retrieval-augmented QA where ``TORouterLLM`` picks the expert LLM for each question.
 
+A plain LlamaIndex query engine with its default templates: the retrieved context and
+the question are filled into LlamaIndex's own QA (and, when the context needs several
+calls, refine) prompts, and ``TORouterLLM`` routes every call on the question itself
+(the template's ``query_str``), never on the context. Each answer is printed with the
+expert that gave it and the text the router read.
+
 Runs offline: documents are built in (or read from ``--docs DIR``), embeddings come from
 the locally installed MiniLM, the router is a k-NN router trained on torouter's
 synthetic routing data (or loaded with ``--router DIR``), and the four experts are the
 deterministic extractive LLMs from ``llamaindex_torouter.local_experts``, named after
 the synthetic experts. Swap in real LlamaIndex LLMs (same names) to use it for real.
 
-The question template keeps the retrieved context in the system message and the
-question alone in the user message, so the router (``route_on="last_user"``) reads the
-question rather than the context.
-
-    python examples/llamaindex_rag.py --cost-weight 40
+    python examples/llamaindex_rag.py [--router runs/router] [--cost-weight 40] [question ...]
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from llama_index.core import Document, Settings, SimpleDirectoryReader, VectorStoreIndex  # noqa: E402
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
-from llama_index.core.llms import ChatMessage, MessageRole  # noqa: E402
-from llama_index.core.prompts import ChatPromptTemplate  # noqa: E402
 
 from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, RoutingDecisionEvent, TORouterLLM  # noqa: E402
 
@@ -63,13 +63,6 @@ QUESTIONS = [
     "A train travels 120 km in 2 hours. What is its average speed?",
 ]
 
-QA_TEMPLATE = ChatPromptTemplate([
-    ChatMessage(role=MessageRole.SYSTEM,
-                content="Answer the question using only this context.\n---------------------\n"
-                        "{context_str}\n---------------------"),
-    ChatMessage(role=MessageRole.USER, content="{query_str}"),
-])
-
 
 class DecisionLog(BaseEventHandler):
     """Collects TORouterLLM routing decisions from LlamaIndex instrumentation."""
@@ -90,6 +83,8 @@ class Answer:
     question: str
     answer: str
     expert: str
+    routed_text: str
+    llm_calls: int
     scores: dict[str, float]
 
 
@@ -126,12 +121,13 @@ def local_embeddings():
 
 
 def build_query_engine(llm: TORouterLLM, documents: list[Document], embed_model, top_k: int = 2):
+    """LlamaIndex's default query engine: default QA and refine templates, compact response mode."""
     index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
-    return index.as_query_engine(llm=llm, similarity_top_k=top_k, text_qa_template=QA_TEMPLATE)
+    return index.as_query_engine(llm=llm, similarity_top_k=top_k)
 
 
 def run(llm: TORouterLLM, embed_model, questions: list[str], docs_dir: str | None = None) -> list[Answer]:
-    """Answer ``questions`` over the documents; each answer says which expert gave it and why."""
+    """Answer ``questions`` over the documents; each answer says which expert gave it and what was routed on."""
     engine = build_query_engine(llm, load_documents(docs_dir), embed_model)
     log = DecisionLog()
     root = get_dispatcher()
@@ -142,7 +138,8 @@ def run(llm: TORouterLLM, embed_model, questions: list[str], docs_dir: str | Non
             log.decisions.clear()
             response = engine.query(question)
             decision = log.decisions[-1]
-            answers.append(Answer(question, str(response), decision.expert, decision.scores))
+            answers.append(Answer(question, str(response), decision.expert, decision.routed_text,
+                                  len(log.decisions), decision.scores))
     finally:
         root.event_handlers.remove(log)
     return answers
@@ -163,7 +160,10 @@ def main(argv: list[str] | None = None) -> list[Answer]:
     Settings.llm, Settings.embed_model = llm, embed_model
     answers = run(llm, embed_model, args.questions or QUESTIONS, args.docs)
     for a in answers:
-        print(f"Q: {a.question}\n   -> {a.expert}: {a.answer}")
+        calls = f"{a.llm_calls} LLM calls" if a.llm_calls > 1 else "1 LLM call"
+        print(f"Q: {a.question}\n   -> {a.expert} ({calls}, routed on {a.routed_text!r}): {a.answer}")
+    print(f"router inference runs: {llm.controller.router_calls}, answered from the cache: "
+          f"{llm.controller.cache_hits}")
     return answers
 
 

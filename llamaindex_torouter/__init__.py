@@ -3,6 +3,7 @@
 from .base import (
     METADATA_KEY,
     ExpertFallbackEvent,
+    RoutedCallbackManager,
     RoutingDecisionEvent,
     TORouterLLM,
     supports_tools,
@@ -11,5 +12,5 @@ from .local_experts import ExpertUnavailableError, ExtractiveLLM, ExtractiveTool
 
 __all__ = [
     "METADATA_KEY", "ExpertFallbackEvent", "ExpertUnavailableError", "ExtractiveLLM", "ExtractiveToolLLM",
-    "RoutingDecisionEvent", "TORouterLLM", "supports_tools",
+    "RoutedCallbackManager", "RoutingDecisionEvent", "TORouterLLM", "supports_tools",
 ]

@@ -1,14 +1,19 @@
 """``TORouterLLM``: a LlamaIndex LLM that sends each request to the expert LLM a trained router picks.
 
-Which text is routed on, the cost-aware ranking and the fallback order all come from
-``torouter.Controller`` and its fallback helpers; this module only adapts LlamaIndex
-messages, responses, tool calls and instrumentation to them.
+Which text is routed on, the cost-aware ranking, the prediction cache and the fallback
+order all come from ``torouter.Controller`` and its fallback helpers; this module adapts
+LlamaIndex messages, prompt templates, responses, tool calls, callbacks and
+instrumentation to them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
@@ -23,23 +28,35 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from llama_index.core.callbacks import CallbackManager
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, field_serializer
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.llm import LLMPredictEndEvent, LLMPredictStartEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
-from llama_index.core.llms.llm import LLM, ToolSelection
+from llama_index.core.llms.llm import (
+    LLM,
+    ToolSelection,
+    astream_chat_response_to_tokens,
+    stream_chat_response_to_tokens,
+)
+from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.types import TokenAsyncGen, TokenGen
 
 from torouter.controller import (
     Controller,
     acall_with_fallbacks,
     astream_with_fallbacks,
     call_with_fallbacks,
+    check_cost_options,
     stream_with_fallbacks,
 )
 from torouter.policy import Decision
 from torouter.routers import Router
+from torouter.routing_text import ROUTE_ON
+
+from .templates import query_of, question_in_template, template_prompt
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -48,11 +65,23 @@ dispatcher = get_dispatcher(__name__)
 
 METADATA_KEY = "torouter"
 # Per-call keyword arguments that steer routing; they are never passed on to an expert.
-ROUTING_KWARGS = ("expert", "allowed", "cost_weight", "max_cost")
+ROUTING_KWARGS = ("expert", "allowed", "cost_weight", "max_cost", "route_prompt")
+# Settings that can be changed on a built TORouterLLM; each is checked and takes effect at once.
+LIVE_SETTINGS = ("cost_weight", "max_cost", "route_on", "default_expert", "sticky", "fallbacks", "allowed")
+
+RouteOnSetting = Literal["last_user", "recent_user", "conversation"] | Callable[..., str]
+
+# Routing options set for a block of code by ``TORouterLLM.routing_options``, by router id.
+_SCOPED_OPTIONS: ContextVar[Mapping[int, Mapping[str, Any]] | None] = ContextVar("torouter_routing_options",
+                                                                                 default=None)
+
+
+def _scoped() -> Mapping[int, Mapping[str, Any]]:
+    return _SCOPED_OPTIONS.get() or {}
 
 
 class RoutingDecisionEvent(BaseEvent):
-    """One routing decision: the router's pick, the fallback order and the numbers behind it."""
+    """One routing decision: the router's pick, the fallback order, the numbers behind it and what was read."""
 
     expert: str
     ranking: list[str]
@@ -62,6 +91,7 @@ class RoutingDecisionEvent(BaseEvent):
     max_cost: float | None = None
     forced: bool = False
     tools: bool = False
+    routed_text: str = ""
 
     @classmethod
     def class_name(cls) -> str:
@@ -85,8 +115,16 @@ def supports_tools(llm: LLM) -> bool:
     return isinstance(llm, FunctionCallingLLM) and bool(llm.metadata.is_function_calling_model)
 
 
+def _message_text(message: ChatMessage) -> str:
+    return "\n".join(b.text for b in message.blocks if isinstance(b, TextBlock) and b.text)
+
+
 def _as_prompt(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """LlamaIndex messages as the core's ``[{"role", "content"}]`` prompt; only text blocks are kept."""
+    """LlamaIndex messages as the core's ``[{"role", "content"}]`` prompt; only text blocks are kept.
+
+    A user turn that is one of LlamaIndex's own wrappers around the user's words (an
+    agent's state prompt, a chat engine's condense prompt) is reduced to those words.
+    """
     prompt = []
     for message in messages:
         if not isinstance(message, ChatMessage):
@@ -94,9 +132,142 @@ def _as_prompt(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
         if role == MessageRole.DEVELOPER.value:
             role = "system"
-        text = "\n".join(b.text for b in message.blocks if isinstance(b, TextBlock) and b.text)
+        text = _message_text(message)
+        if role == MessageRole.USER.value:
+            text = question_in_template(text)
         prompt.append({"role": role, "content": text})
     return prompt
+
+
+def _without_metadata(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """The messages with this router's decision taken out of ``additional_kwargs``.
+
+    Responses carry the decision on their message, and agents and chat memories send
+    those messages back; experts must not receive it (OpenAI-style clients copy
+    ``additional_kwargs`` into the request, and completion prompts print it).
+    """
+    cleaned = []
+    for message in messages:
+        if isinstance(message, ChatMessage) and METADATA_KEY in message.additional_kwargs:
+            kwargs = {k: v for k, v in message.additional_kwargs.items() if k != METADATA_KEY}
+            message = message.model_copy(update={"additional_kwargs": kwargs})
+        cleaned.append(message)
+    return cleaned
+
+
+def _query_prompt(messages: Sequence[ChatMessage], query: str) -> list[ChatMessage]:
+    """What the router reads for a filled template whose query is known.
+
+    The template's system text (instructions, retrieved context) is left out, the user
+    message holding the query becomes the query alone, and earlier user and assistant
+    turns (a chat engine's history) are kept for ``recent_user`` and ``conversation``.
+    """
+    holder = None
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].role == MessageRole.USER and query in _message_text(messages[i]):
+            holder = i
+            break
+    earlier = messages if holder is None else messages[:holder]
+    kept = [m for m in earlier if m.role not in (MessageRole.SYSTEM, MessageRole.DEVELOPER)]
+    return [*kept, ChatMessage(role=MessageRole.USER, content=query)]
+
+
+def _routed_expert(payload: Mapping[str, Any] | None) -> str | None:
+    """The expert that answered, from a callback end payload's response."""
+    if not payload:
+        return None
+    response = payload.get(EventPayload.RESPONSE) or payload.get(EventPayload.COMPLETION)
+    routed = getattr(response, "additional_kwargs", {}).get(METADATA_KEY) if response is not None else None
+    return routed.get("expert") if isinstance(routed, dict) else None
+
+
+class RoutedCallbackManager(CallbackManager):
+    """``TORouterLLM``'s callback manager: one LLM event per routed call for every handler.
+
+    A routed call is two LLM calls to LlamaIndex's callback system: the router's and the
+    expert's. Where a handler also listens to the experts (``Settings.callback_manager``
+    is shared by every LLM built after it is set), counting both would count each call
+    twice, so such handlers hear only the expert's own event. The router tells the
+    other handlers; one the answering expert turns out not to have (a handler given to
+    some experts only) hears the router's event when the call ends. Everything else
+    (handlers, traces) is the wrapped manager's, so adding a handler to either shows in both.
+    """
+
+    def __init__(self, inner: CallbackManager, llm: TORouterLLM):
+        # CallbackManager.__init__ is not called: it would put Settings' or the global
+        # handlers on an empty list, while this manager keeps the wrapped one's.
+        self.inner = inner
+        self._llm = llm
+        self._hidden: ContextVar[frozenset[int]] = ContextVar(f"torouter_hidden_{id(self)}", default=frozenset())
+        self._held: OrderedDict[str, tuple[Any, str, list, frozenset[int]]] = OrderedDict()
+
+    @property
+    def handlers(self) -> list:  # type: ignore[override]
+        hidden = self._hidden.get()
+        if not hidden:
+            return self.inner.handlers
+        return [h for h in self.inner.handlers if id(h) not in hidden]
+
+    @handlers.setter
+    def handlers(self, handlers: list) -> None:
+        self.inner.handlers = handlers
+
+    @property
+    def _trace_map(self):  # type: ignore[override]
+        return self.inner._trace_map
+
+    @_trace_map.setter
+    def _trace_map(self, value) -> None:
+        self.inner._trace_map = value
+
+    def _expert_handlers(self, name: str | None = None) -> set[int]:
+        experts = self._llm._experts if name is None else {name: self._llm._experts[name]}
+        ids: set[int] = set()
+        for expert in experts.values():
+            manager = getattr(expert, "callback_manager", None)
+            if isinstance(manager, CallbackManager):
+                ids.update(id(h) for h in manager.handlers)
+        return ids
+
+    def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
+                       event_id: str | None = None, parent_id: str | None = None, **kwargs: Any) -> str:
+        if event_type != CBEventType.LLM:
+            return super().on_event_start(event_type, payload, event_id, parent_id, **kwargs)
+        event_id = event_id or str(uuid.uuid4())
+        shared = frozenset(id(h) for h in self.inner.handlers) & self._expert_handlers()
+        token = self._hidden.set(shared)
+        try:
+            super().on_event_start(event_type, payload, event_id, parent_id, **kwargs)
+        finally:
+            self._hidden.reset(token)
+        if shared:
+            from llama_index.core.callbacks.base import global_stack_trace
+
+            held = [h for h in self.inner.handlers
+                    if id(h) in shared and event_type not in h.event_starts_to_ignore]
+            self._held[event_id] = (payload, parent_id or global_stack_trace.get()[-1], held, shared)
+            while len(self._held) > 4096:  # streams abandoned before their end
+                self._held.popitem(last=False)
+        return event_id
+
+    def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
+                     event_id: str | None = None, **kwargs: Any) -> None:
+        if event_type != CBEventType.LLM or event_id not in self._held:
+            return super().on_event_end(event_type, payload, event_id, **kwargs)
+        start_payload, parent_id, held, shared = self._held.pop(event_id)
+        expert = _routed_expert(payload)
+        if expert in self._llm._experts:
+            told = self._expert_handlers(expert)
+            for handler in held:
+                if id(handler) not in told:
+                    handler.on_event_start(event_type, start_payload, event_id=event_id, parent_id=parent_id)
+                    if event_type not in handler.event_ends_to_ignore:
+                        handler.on_event_end(event_type, payload, event_id=event_id, **kwargs)
+        token = self._hidden.set(shared)
+        try:
+            super().on_event_end(event_type, payload, event_id, **kwargs)
+        finally:
+            self._hidden.reset(token)
 
 
 class TORouterLLM(FunctionCallingLLM):
@@ -107,28 +278,52 @@ class TORouterLLM(FunctionCallingLLM):
     ranking, delegates to the top expert and, if that expert fails before producing
     output, to the next one (``fallbacks=False`` turns this off). The decision is
     emitted as a ``RoutingDecisionEvent`` inside the call's instrumentation span and
-    rides along in ``response.additional_kwargs["torouter"]`` (on every stream chunk)::
+    rides along on the response: ``response.message.additional_kwargs["torouter"]``
+    (so agents' ``AgentOutput.response`` carries it), ``response.additional_kwargs``
+    and, where the expert's ``raw`` is empty or a dict, ``raw["torouter"]`` (so
+    ``AgentStream.raw`` does too)::
 
         {"expert": <who answered>, "chosen": <the router's pick>, "ranking": [...],
          "scores": {expert: predicted quality}, "cost_weight": ..., "max_cost": ...,
          "fallback": <True if the pick failed>, "failures": {expert: "Error: message"},
          "forced": <True if the caller named the expert>}
 
+    What the router reads: ``route_on`` picks it from the messages (see
+    ``torouter.routing_text``: tool results, ReAct observations and summaries are
+    skipped, and the question is taken out of RAG templates). When LlamaIndex fills a
+    prompt template whose arguments hold the query (``query_str``, or ``question`` in
+    condense prompts), as query engines, response synthesizers and chat engines do, the
+    router reads that query instead of the filled template.
+
+    With ``sticky`` (default), predictions are cached by routed text, so every step of
+    an agent run within one user turn gets the same decision for one router call.
+
     Per call, ``expert="name"`` forces an expert, ``allowed=[...]`` narrows the choice,
-    and ``cost_weight`` / ``max_cost`` override the defaults. Tool calls
-    (``chat_with_tools``, ``predict_and_call``, agents) route among the experts that
-    support function calling.
+    ``cost_weight`` / ``max_cost`` override the defaults and ``route_prompt`` (a string
+    or messages) is read by the router instead of the request; ``routing_options()``
+    sets the same for every call in a block, e.g. a whole query or agent run. Tool calls
+    (``chat_with_tools``, ``predict_and_call``, structured output, agents) route among
+    the experts that support function calling. The settings in ``LIVE_SETTINGS`` can be
+    assigned on a built instance and are checked on assignment.
     """
 
     cost_weight: float = Field(default=0.0, ge=0.0, description="Utility is quality - cost_weight * cost.")
     max_cost: float | None = Field(default=None, description="Experts priced above this are skipped when possible.")
-    route_on: Literal["last_user", "conversation"] = Field(
-        default="last_user", description="Route on the latest user message or on every system and user message.")
+    route_on: RouteOnSetting = Field(
+        default="last_user",
+        description="Route on the latest user turn, the last few user turns (recent_user), the system prompt "
+                    "and every user turn (conversation), or the text a callable returns for the prompt.")
+    default_expert: str | None = Field(
+        default=None, description="Expert that goes first when a request has no text to route on.")
+    sticky: bool = Field(
+        default=True, description="Cache predictions by routed text, so an agent's steps within one user turn "
+                                  "share one decision; False predicts afresh for every call.")
     fallbacks: bool = Field(default=True, description="Try the next-best expert when the chosen one fails.")
     allowed: list[str] | None = Field(default=None, description="Experts this LLM may route to (default: all).")
 
     _controller: Controller = PrivateAttr()
     _experts: dict[str, LLM] = PrivateAttr()
+    _cache_size: int = PrivateAttr()
 
     def __init__(
         self,
@@ -136,10 +331,12 @@ class TORouterLLM(FunctionCallingLLM):
         router: Router | str | os.PathLike,
         cost_weight: float = 0.0,
         max_cost: float | None = None,
-        route_on: Literal["last_user", "conversation"] = "last_user",
+        route_on: RouteOnSetting = "last_user",
         fallbacks: bool = True,
         allowed: Iterable[str] | None = None,
         prices: dict[str, float] | None = None,
+        default_expert: str | None = None,
+        sticky: bool = True,
         callback_manager: CallbackManager | None = None,
         **kwargs: Any,
     ) -> None:
@@ -148,24 +345,103 @@ class TORouterLLM(FunctionCallingLLM):
         for name, llm in experts.items():
             if not isinstance(llm, LLM):
                 raise TypeError(f"expert {name!r} must be a llama_index LLM, got {type(llm).__name__}")
-        controller = Controller(router, cost_weight=cost_weight, max_cost=max_cost,
-                                route_on=route_on, prices=prices)
+        controller = Controller(router, cost_weight=cost_weight, max_cost=max_cost, route_on=route_on,
+                                prices=prices, default_expert=default_expert)
         controller.check_experts(experts)
-        if allowed is not None:
-            allowed = list(allowed)
-            unknown = set(allowed) - set(experts)
-            if unknown:
-                raise ValueError(f"allowed names unknown experts {sorted(unknown)}; experts are {sorted(experts)}")
-            if not allowed:
-                raise ValueError("allowed must name at least one expert")
+        allowed = _checked_allowed(allowed, experts)
+        _check_bool("sticky", sticky)
+        _check_bool("fallbacks", fallbacks)
+        cache_size = controller.cache_size
+        if not sticky:
+            controller.cache_size = 0
         super().__init__(cost_weight=cost_weight, max_cost=max_cost, route_on=route_on, fallbacks=fallbacks,
-                         allowed=allowed, callback_manager=callback_manager, **kwargs)
+                         allowed=allowed, default_expert=default_expert, sticky=sticky,
+                         callback_manager=callback_manager, **kwargs)
         self._controller = controller
         self._experts = dict(experts)
+        self._cache_size = cache_size
+        self.callback_manager = self.callback_manager  # through __setattr__: one LLM event per call
 
     @classmethod
     def class_name(cls) -> str:
         return "TORouterLLM"
+
+    # ---- settings ------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "callback_manager" and isinstance(value, CallbackManager):
+            if isinstance(value, RoutedCallbackManager):
+                value = value if value._llm is self else RoutedCallbackManager(value.inner, self)
+            else:
+                value = RoutedCallbackManager(value, self)
+        elif name in LIVE_SETTINGS and "_controller" in (getattr(self, "__pydantic_private__", None) or {}):
+            value = self._apply_setting(name, value)
+        super().__setattr__(name, value)
+
+    def _apply_setting(self, name: str, value: Any) -> Any:
+        """Check a setting assigned after construction and hand it to the controller."""
+        controller = self._controller
+        if name == "cost_weight":
+            check_cost_options(value, self.max_cost)
+            controller.cost_weight = value
+        elif name == "max_cost":
+            check_cost_options(self.cost_weight, value)
+            controller.max_cost = value
+        elif name == "route_on":
+            if not callable(value) and value not in ROUTE_ON:
+                raise ValueError(f"route_on must be one of {ROUTE_ON} or a callable, not {value!r}")
+            controller.route_on = value
+        elif name == "default_expert":
+            if value is not None and value not in self._experts:
+                raise ValueError(f"default_expert={value!r} is not one of the experts {sorted(self._experts)}")
+            controller.default_expert = value
+        elif name == "sticky":
+            _check_bool("sticky", value)
+            controller.cache_size = self._cache_size if value else 0
+            if not value:
+                controller.clear_cache()
+        elif name == "fallbacks":
+            _check_bool("fallbacks", value)
+        elif name == "allowed":
+            value = _checked_allowed(value, self._experts)
+        return value
+
+    @field_serializer("route_on")
+    def _serialize_route_on(self, value: RouteOnSetting) -> str:
+        if callable(value):
+            return f"<callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}>"
+        return value
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> TORouterLLM:
+        """Rebuild from ``to_dict()`` settings; the experts and the router must be passed again.
+
+        Serialized settings cannot hold the experts (LLM objects, whose credentials are
+        left out of serialization) or the trained router, so both are keyword arguments:
+        ``TORouterLLM.from_dict(data, experts={...}, router="runs/router")``.
+        """
+        missing = [k for k in ("experts", "router") if k not in kwargs]
+        if missing:
+            raise ValueError(
+                f"TORouterLLM.from_dict/from_json need {' and '.join(missing)} as keyword arguments: serialized "
+                "settings hold neither the expert LLMs (their credentials are never serialized) nor the trained "
+                "router; call TORouterLLM.from_json(text, experts={...}, router=<Router or saved directory>)")
+        data = dict(data)
+        name = data.pop("class_name", cls.class_name())
+        if name != cls.class_name():
+            raise ValueError(f"these settings are for {name!r}, not {cls.class_name()!r}")
+        route_on = data.get("route_on")
+        if isinstance(route_on, str) and route_on.startswith("<callable") and "route_on" not in kwargs:
+            raise ValueError(f"route_on was the callable {route_on[10:-1]!r}, which cannot be serialized; "
+                             "pass route_on= again")
+        return cls(**{**data, **kwargs})
+
+    @classmethod
+    def from_json(cls, data_str: str, **kwargs: Any) -> TORouterLLM:
+        """``from_dict`` on ``to_json()`` text; ``experts=`` and ``router=`` must be passed again."""
+        import json
+
+        return cls.from_dict(json.loads(data_str), **kwargs)
 
     @property
     def experts(self) -> dict[str, LLM]:
@@ -197,10 +473,40 @@ class TORouterLLM(FunctionCallingLLM):
         )
 
     def to_payload(self) -> dict[str, Any]:
+        route_on = self._serialize_route_on(self.route_on)
         return {**super().to_payload(), "experts": self._in_play(), "cost_weight": self.cost_weight,
-                "max_cost": self.max_cost, "route_on": self.route_on, "fallbacks": self.fallbacks}
+                "max_cost": self.max_cost, "route_on": route_on, "fallbacks": self.fallbacks,
+                "default_expert": self.default_expert, "sticky": self.sticky}
 
     # ---- routing -------------------------------------------------------------------
+
+    @contextmanager
+    def routing_options(self, *, expert: str | None = None, allowed: Iterable[str] | None = None,
+                        cost_weight: float | None = None, max_cost: float | None = None) -> Iterator[TORouterLLM]:
+        """Route every call made inside the ``with`` block with these options.
+
+        For calls whose arguments LlamaIndex makes (query and chat engines, agents)::
+
+            with llm.routing_options(cost_weight=200):
+                engine.query("...")          # every LLM call of this query
+            with llm.routing_options(expert="cloud-large"):
+                await agent.run("...")       # the whole agent run
+
+        Options passed to a call directly win; blocks nest. The block follows the
+        context, so tasks started inside it (an agent run's steps) keep the options.
+        """
+        options: dict[str, Any] = {k: v for k, v in (("expert", expert), ("cost_weight", cost_weight),
+                                                     ("max_cost", max_cost)) if v is not None}
+        if allowed is not None:
+            options["allowed"] = [allowed] if isinstance(allowed, str) else list(allowed)
+        merged = {**_scoped().get(id(self), {}), **options}
+        self._candidates(False, merged.get("expert"), merged.get("allowed"))
+        check_cost_options(merged.get("cost_weight", self.cost_weight), merged.get("max_cost", self.max_cost))
+        token = _SCOPED_OPTIONS.set({**_scoped(), id(self): merged})
+        try:
+            yield self
+        finally:
+            _SCOPED_OPTIONS.reset(token)
 
     def _candidates(self, tools: bool, expert: str | None, allowed: Iterable[str] | None) -> list[str] | None:
         """Experts this request may go to, or None for all of them."""
@@ -230,7 +536,8 @@ class TORouterLLM(FunctionCallingLLM):
 
     def _prompt(self, prompt: str | Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
         if isinstance(prompt, str):
-            return prompt
+            turns = template_prompt(prompt)
+            return prompt if turns is None else turns
         if not prompt:
             raise ValueError("TORouterLLM got an empty message list: there is nothing to route on")
         return _as_prompt(prompt)
@@ -239,7 +546,7 @@ class TORouterLLM(FunctionCallingLLM):
         dispatcher.event(RoutingDecisionEvent(
             expert=decision.expert, ranking=list(decision.ranking), scores=dict(decision.scores),
             costs=dict(decision.costs), cost_weight=decision.cost_weight, max_cost=decision.max_cost,
-            forced=forced, tools=tools))
+            forced=forced, tools=tools, routed_text=decision.routed_text))
 
     @dispatcher.span
     def route(self, prompt: str | Sequence[ChatMessage], tools: bool = False, expert: str | None = None,
@@ -263,12 +570,14 @@ class TORouterLLM(FunctionCallingLLM):
         self._emit_decision(decision, expert is not None, tools)
         return decision
 
-    @staticmethod
-    def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-        """Routing options, tools (or None) and what is left for the expert."""
+    def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, Any], Any]:
+        """Routing options (block options under call options), tools (or None), what is left for the
+        expert, and the prompt to route on instead of the request (or None)."""
         rest = dict(kwargs)
-        routing = {k: rest.pop(k) for k in ROUTING_KWARGS if k in rest}
-        return routing, rest.pop("tools", None), rest
+        routing = {**_scoped().get(id(self), {}),
+                   **{k: rest.pop(k) for k in ROUTING_KWARGS if k in rest}}
+        route_prompt = routing.pop("route_prompt", None)
+        return routing, rest.pop("tools", None), rest, route_prompt
 
     def _outcome(self, decision: Decision, expert: str, failures: dict[str, BaseException],
                  forced: bool) -> dict[str, Any]:
@@ -278,12 +587,25 @@ class TORouterLLM(FunctionCallingLLM):
             dispatcher.event(ExpertFallbackEvent(expert=expert, chosen=decision.expert, failures=meta["failures"]))
         return meta
 
+    @staticmethod
+    def _tag(response: ChatResponse | CompletionResponse, outcome: dict[str, Any]) -> None:
+        """Put the decision everywhere LlamaIndex passes a response's details on."""
+        response.additional_kwargs[METADATA_KEY] = outcome
+        message = getattr(response, "message", None)
+        if isinstance(message, ChatMessage):
+            message.additional_kwargs[METADATA_KEY] = outcome
+        if response.raw is None:
+            response.raw = {METADATA_KEY: outcome}
+        elif isinstance(response.raw, dict):
+            response.raw = {**response.raw, METADATA_KEY: outcome}
+
     # ---- chat ----------------------------------------------------------------------
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        routing, tools, rest = self._split_kwargs(kwargs)
-        decision = self.route(messages, tools=tools is not None, **routing)
+        routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = self.route(messages if route_prompt is None else route_prompt, tools=tools is not None, **routing)
+        messages = _without_metadata(messages)
 
         def call(name: str) -> ChatResponse:
             llm = self._experts[name]
@@ -292,13 +614,15 @@ class TORouterLLM(FunctionCallingLLM):
             return llm.chat(messages, **rest)
 
         name, response, failures = call_with_fallbacks(decision.ranking, call, self.fallbacks)
-        response.additional_kwargs[METADATA_KEY] = self._outcome(decision, name, failures, "expert" in routing)
+        self._tag(response, self._outcome(decision, name, failures, "expert" in routing))
         return response
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        routing, tools, rest = self._split_kwargs(kwargs)
-        decision = await self.aroute(messages, tools=tools is not None, **routing)
+        routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = await self.aroute(messages if route_prompt is None else route_prompt,
+                                     tools=tools is not None, **routing)
+        messages = _without_metadata(messages)
 
         async def call(name: str) -> ChatResponse:
             llm = self._experts[name]
@@ -307,13 +631,14 @@ class TORouterLLM(FunctionCallingLLM):
             return await llm.achat(messages, **rest)
 
         name, response, failures = await acall_with_fallbacks(decision.ranking, call, self.fallbacks)
-        response.additional_kwargs[METADATA_KEY] = self._outcome(decision, name, failures, "expert" in routing)
+        self._tag(response, self._outcome(decision, name, failures, "expert" in routing))
         return response
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        routing, tools, rest = self._split_kwargs(kwargs)
-        decision = self.route(messages, tools=tools is not None, **routing)
+        routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = self.route(messages if route_prompt is None else route_prompt, tools=tools is not None, **routing)
+        messages = _without_metadata(messages)
 
         def start(name: str) -> Iterator[ChatResponse]:
             llm = self._experts[name]
@@ -326,8 +651,10 @@ class TORouterLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        routing, tools, rest = self._split_kwargs(kwargs)
-        decision = await self.aroute(messages, tools=tools is not None, **routing)
+        routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = await self.aroute(messages if route_prompt is None else route_prompt,
+                                     tools=tools is not None, **routing)
+        messages = _without_metadata(messages)
 
         async def start(name: str) -> AsyncIterator[ChatResponse]:
             llm = self._experts[name]
@@ -346,7 +673,7 @@ class TORouterLLM(FunctionCallingLLM):
         for name, chunk, failures in chunks:
             if outcome is None:
                 outcome = self._outcome(decision, name, failures, forced)
-            chunk.additional_kwargs[METADATA_KEY] = outcome
+            self._tag(chunk, outcome)
             yield chunk
 
     async def _atagged_stream(self, decision: Decision, chunks: AsyncIterator, forced: bool) -> AsyncIterator:
@@ -354,37 +681,37 @@ class TORouterLLM(FunctionCallingLLM):
         async for name, chunk, failures in chunks:
             if outcome is None:
                 outcome = self._outcome(decision, name, failures, forced)
-            chunk.additional_kwargs[METADATA_KEY] = outcome
+            self._tag(chunk, outcome)
             yield chunk
 
     # ---- completion ----------------------------------------------------------------
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        routing, _, rest = self._split_kwargs(kwargs)
-        decision = self.route(prompt, **routing)
+        routing, _, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = self.route(prompt if route_prompt is None else route_prompt, **routing)
         name, response, failures = call_with_fallbacks(
             decision.ranking, lambda n: self._experts[n].complete(prompt, formatted=formatted, **rest),
             self.fallbacks)
-        response.additional_kwargs[METADATA_KEY] = self._outcome(decision, name, failures, "expert" in routing)
+        self._tag(response, self._outcome(decision, name, failures, "expert" in routing))
         return response
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        routing, _, rest = self._split_kwargs(kwargs)
-        decision = await self.aroute(prompt, **routing)
+        routing, _, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = await self.aroute(prompt if route_prompt is None else route_prompt, **routing)
 
         async def call(name: str) -> CompletionResponse:
             return await self._experts[name].acomplete(prompt, formatted=formatted, **rest)
 
         name, response, failures = await acall_with_fallbacks(decision.ranking, call, self.fallbacks)
-        response.additional_kwargs[METADATA_KEY] = self._outcome(decision, name, failures, "expert" in routing)
+        self._tag(response, self._outcome(decision, name, failures, "expert" in routing))
         return response
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        routing, _, rest = self._split_kwargs(kwargs)
-        decision = self.route(prompt, **routing)
+        routing, _, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = self.route(prompt if route_prompt is None else route_prompt, **routing)
         chunks = stream_with_fallbacks(
             decision.ranking, lambda n: self._experts[n].stream_complete(prompt, formatted=formatted, **rest),
             self.fallbacks)
@@ -393,8 +720,8 @@ class TORouterLLM(FunctionCallingLLM):
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
-        routing, _, rest = self._split_kwargs(kwargs)
-        decision = await self.aroute(prompt, **routing)
+        routing, _, rest, route_prompt = self._split_kwargs(kwargs)
+        decision = await self.aroute(prompt if route_prompt is None else route_prompt, **routing)
 
         async def start(name: str) -> AsyncIterator[CompletionResponse]:
             stream = await self._experts[name].astream_complete(prompt, formatted=formatted, **rest)
@@ -403,6 +730,88 @@ class TORouterLLM(FunctionCallingLLM):
 
         return self._atagged_stream(decision, astream_with_fallbacks(decision.ranking, start, self.fallbacks),
                                     "expert" in routing)
+
+    # ---- prompt templates: route on the query, not the filled template --------------
+
+    def _template_call(self, prompt: BasePromptTemplate,
+                       prompt_args: dict[str, Any]) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """The messages of a filled template, and the routing kwargs that make the router read its query."""
+        messages = self._get_messages(prompt, **prompt_args)
+        query = query_of(prompt, prompt_args, self)
+        return messages, ({} if query is None else {"route_prompt": _query_prompt(messages, query)})
+
+    def _structured_kwargs(self, prompt: BasePromptTemplate, prompt_args: dict[str, Any],
+                           llm_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """``llm_kwargs`` for a structured-output program, routing on the template's query."""
+        llm_kwargs = dict(llm_kwargs or {})
+        query = query_of(prompt, prompt_args, self)
+        if query is not None and "route_prompt" not in llm_kwargs:
+            llm_kwargs["route_prompt"] = _query_prompt(self._get_messages(prompt, **prompt_args), query)
+        return llm_kwargs
+
+    @dispatcher.span
+    def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        """``LLM.predict``, routed on the template's query (``query_str``/``question``) when it has one."""
+        dispatcher.event(LLMPredictStartEvent(template=prompt, template_args=prompt_args))
+        self._log_template_data(prompt, **prompt_args)
+        messages, routing = self._template_call(prompt, prompt_args)
+        output = self._parse_output(self.chat(messages, **routing).message.content or "")
+        dispatcher.event(LLMPredictEndEvent(output=output))
+        return output
+
+    @dispatcher.span
+    async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        """``LLM.apredict``, routed on the template's query when it has one."""
+        dispatcher.event(LLMPredictStartEvent(template=prompt, template_args=prompt_args))
+        self._log_template_data(prompt, **prompt_args)
+        messages, routing = self._template_call(prompt, prompt_args)
+        output = self._parse_output((await self.achat(messages, **routing)).message.content or "")
+        dispatcher.event(LLMPredictEndEvent(output=output))
+        return output
+
+    @dispatcher.span
+    def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
+        """``LLM.stream``, routed on the template's query when it has one."""
+        self._log_template_data(prompt, **prompt_args)
+        dispatcher.event(LLMPredictStartEvent(template=prompt, template_args=prompt_args))
+        if prompt.output_parser is not None or self.output_parser is not None:
+            raise NotImplementedError("Output parser is not supported for streaming.")
+        messages, routing = self._template_call(prompt, prompt_args)
+        return stream_chat_response_to_tokens(self.stream_chat(messages, **routing))
+
+    @dispatcher.span
+    async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
+        """``LLM.astream``, routed on the template's query when it has one."""
+        self._log_template_data(prompt, **prompt_args)
+        dispatcher.event(LLMPredictStartEvent(template=prompt, template_args=prompt_args))
+        if prompt.output_parser is not None or self.output_parser is not None:
+            raise NotImplementedError("Output parser is not supported for streaming.")
+        messages, routing = self._template_call(prompt, prompt_args)
+        return await astream_chat_response_to_tokens(await self.astream_chat(messages, **routing))
+
+    def structured_predict(self, output_cls: type[BaseModel], prompt: BasePromptTemplate,
+                           llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> BaseModel:
+        """``LLM.structured_predict``, routed on the template's query when it has one."""
+        return super().structured_predict(output_cls, prompt, self._structured_kwargs(prompt, prompt_args, llm_kwargs),
+                                          **prompt_args)
+
+    async def astructured_predict(self, output_cls: type[BaseModel], prompt: BasePromptTemplate,
+                                  llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> BaseModel:
+        """``LLM.astructured_predict``, routed on the template's query when it has one."""
+        return await super().astructured_predict(
+            output_cls, prompt, self._structured_kwargs(prompt, prompt_args, llm_kwargs), **prompt_args)
+
+    def stream_structured_predict(self, output_cls: type[BaseModel], prompt: BasePromptTemplate,
+                                  llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any):
+        """``LLM.stream_structured_predict``, routed on the template's query when it has one."""
+        return super().stream_structured_predict(
+            output_cls, prompt, self._structured_kwargs(prompt, prompt_args, llm_kwargs), **prompt_args)
+
+    async def astream_structured_predict(self, output_cls: type[BaseModel], prompt: BasePromptTemplate,
+                                         llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any):
+        """``LLM.astream_structured_predict``, routed on the template's query when it has one."""
+        return await super().astream_structured_predict(
+            output_cls, prompt, self._structured_kwargs(prompt, prompt_args, llm_kwargs), **prompt_args)
 
     # ---- function calling ----------------------------------------------------------
 
@@ -428,7 +837,7 @@ class TORouterLLM(FunctionCallingLLM):
     def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
                                      **kwargs: Any) -> list[ToolSelection]:
         """Parse tool calls with the expert that produced ``response``, since formats differ."""
-        routed = response.additional_kwargs.get(METADATA_KEY)
+        routed = response.additional_kwargs.get(METADATA_KEY) or response.message.additional_kwargs.get(METADATA_KEY)
         name = routed.get("expert") if isinstance(routed, dict) else None
         if name is None:
             if error_on_no_tool_call:
@@ -439,3 +848,20 @@ class TORouterLLM(FunctionCallingLLM):
             raise ValueError(f"the response names expert {name!r}, which this TORouterLLM does not have")
         return self._experts[name].get_tool_calls_from_response(
             response, error_on_no_tool_call=error_on_no_tool_call, **kwargs)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _checked_allowed(allowed: Iterable[str] | None, experts: Mapping[str, Any]) -> list[str] | None:
+    if allowed is None:
+        return None
+    allowed = [allowed] if isinstance(allowed, str) else list(allowed)
+    unknown = set(allowed) - set(experts)
+    if unknown:
+        raise ValueError(f"allowed names unknown experts {sorted(unknown)}; experts are {sorted(experts)}")
+    if not allowed:
+        raise ValueError("allowed must name at least one expert")
+    return allowed

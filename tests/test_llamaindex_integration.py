@@ -1,13 +1,10 @@
-"""TORouterLLM inside LlamaIndex: Settings.llm, query and chat engines, agents, and the RAG example."""
+"""TORouterLLM inside LlamaIndex: Settings.llm, query and chat engines, agents."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +24,6 @@ from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, RoutingDecisio
 from torouter import RoutingDataset, make_router  # noqa: E402
 from torouter.synthetic import make_synthetic  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llamaindex_rag.py"
 TAG = re.compile(r"^\[(edge-small|code-7b|med-7b|cloud-large)\] ")
 DOCS = [Document(text="Nairobi is the capital of Kenya. Oslo is the capital of Norway."),
         Document(text="Metformin lowers blood glucose by reducing hepatic glucose production.")]
@@ -169,29 +165,3 @@ async def test_inside_a_react_agent(router, decisions):
     assert TAG.match(str(result)) and str(result).endswith(" 42")
     assert [(c.tool_name, c.tool_kwargs) for c in result.tool_calls] == [("multiply", {"a": 6, "b": 7})]
     assert len(decisions) == 2  # one routing decision per reasoning step
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("llamaindex_rag_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
-
-
-def test_rag_example_answers_from_documents_with_offline_minilm(router, offline_settings):
-    example = _load_example()
-    llm = TORouterLLM(example.local_experts(), router, cost_weight=40.0)
-    answers = example.run(llm, example.local_embeddings(), example.QUESTIONS)
-
-    assert [a.question for a in answers] == example.QUESTIONS
-    facts = ["hepatic glucose production", "Nairobi", "text[::-1]", "60 km per hour"]
-    for answer, fact in zip(answers, facts):
-        assert answer.answer.startswith(f"[{answer.expert}] "), answer
-        assert fact in answer.answer, answer
-        assert set(answer.scores) == set(llm.experts)
-    # Priced routing spreads the four domains over more than one expert.
-    assert len({a.expert for a in answers}) > 1

@@ -412,13 +412,17 @@ def test_an_empty_message_list_is_a_clear_error(llm, method):
             asyncio.run(result)
 
 
-def test_messages_without_routable_text_are_a_clear_error(llm):
-    with pytest.raises(ValueError, match="nothing to route on"):
-        llm.chat([ChatMessage(role=MessageRole.SYSTEM, content="You are terse.")])
-    with pytest.raises(ValueError, match="nothing to route on"):
-        llm.chat([ChatMessage(role=MessageRole.USER, blocks=[IMAGE])])
-    with pytest.raises(ValueError, match="nothing to route on"):
-        llm.complete("   ")
+def test_requests_without_user_text_are_answered(experts, router):
+    llm = TORouterLLM(experts, router, default_expert="med-7b")
+    # A system message alone is routed on.
+    system_only = llm.chat([ChatMessage(role=MessageRole.SYSTEM, content=TRIVIA)])
+    assert routing(system_only)["expert"] == llm.route(user(TRIVIA)).expert
+    # Nothing to route on: the router ranks for the empty text and the default expert goes first.
+    for response in (llm.chat([ChatMessage(role=MessageRole.USER, blocks=[IMAGE])]), llm.complete("   ")):
+        meta = routing(response)
+        assert meta["expert"] == meta["ranking"][0] == "med-7b"
+        assert sorted(meta["ranking"]) == sorted(experts)
+    assert experts["med-7b"].calls == ["chat", "complete"]
     with pytest.raises(TypeError, match="ChatMessage"):
         llm.chat([{"role": "user", "content": TRIVIA}])
 
@@ -451,9 +455,10 @@ async def test_async_routing_runs_router_inference_off_the_event_loop(llm, monke
 
     monkeypatch.setattr(router, "predict", recording_predict)
     loop_thread = threading.get_ident()
+    # Distinct texts: a repeated text is answered from the prediction cache, with no inference at all.
     await llm.achat(user(TRIVIA))
-    await llm.acomplete(TRIVIA)
-    await _collect(llm.astream_chat(user(TRIVIA)))
+    await llm.acomplete(BIOMED)
+    await _collect(llm.astream_chat(user("What is the capital of Peru?")))
     await llm.achat_with_tools([MULTIPLY], user_msg="What is 6 multiplied by 7?")
     assert len(threads) == 4
     assert loop_thread not in threads
