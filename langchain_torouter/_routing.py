@@ -27,7 +27,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, convert
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableLambda
 
-from torouter.policy import Decision
+from torouter.policy import METADATA_KEY, Decision
 from torouter.routers import Router
 
 try:  # context variables whose handlers LangChain adds to every run it configures
@@ -41,8 +41,6 @@ except ImportError:  # pragma: no cover - older langchain-core 1.x
     from langchain_core.tracers._streaming import _StreamingCallbackHandler
     _V2StreamingCallbackHandler = _StreamingCallbackHandler
 
-METADATA_KEY = "torouter"
-"""Key of the routing decision in ``response_metadata`` and in child-run metadata."""
 
 ROUTE_TEXT_KEY = "torouter_route_text"
 """Run-metadata key holding the text to route on, set by ``route_on_input`` for every run inside a chain."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
@@ -22,6 +22,7 @@ from torouter.controller import (
 )
 from torouter.policy import Decision
 from torouter.routers import Router
+from torouter.routing_text import RouteOnMode
 
 from ._routing import (
     check_router,
@@ -77,7 +78,7 @@ class TORouterRunnable(RunnableSerializable[Any, Any]):
     max_cost: float | None = Field(default=None, ge=0.0)
     """Skip runnables whose expected cost per query is above this (the cheapest is kept if none fit)."""
 
-    route_on: Literal["last_user", "recent_user", "conversation"] | Callable[[Any], str] = "last_user"
+    route_on: RouteOnMode | Callable[[Any], str] = "last_user"
     """Text the router reads: the latest user turn (default), the last few user turns, the system
     prompt and every user turn, or a callable of the core prompt; see ``torouter.routing_text``."""
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -52,9 +52,9 @@ from torouter.controller import (
     check_cost_options,
     stream_with_fallbacks,
 )
-from torouter.policy import Decision
+from torouter.policy import METADATA_KEY, Decision
 from torouter.routers import Router
-from torouter.routing_text import ROUTE_ON
+from torouter.routing_text import ROUTE_ON, RouteOnMode
 
 from .templates import query_of, question_in_template, template_prompt
 
@@ -63,13 +63,12 @@ if TYPE_CHECKING:
 
 dispatcher = get_dispatcher(__name__)
 
-METADATA_KEY = "torouter"
 # Per-call keyword arguments that steer routing; they are never passed on to an expert.
 ROUTING_KWARGS = ("expert", "allowed", "cost_weight", "max_cost", "route_prompt")
 # Settings that can be changed on a built TORouterLLM; each is checked and takes effect at once.
 LIVE_SETTINGS = ("cost_weight", "max_cost", "route_on", "default_expert", "sticky", "fallbacks", "allowed")
 
-RouteOnSetting = Literal["last_user", "recent_user", "conversation"] | Callable[..., str]
+RouteOnSetting = RouteOnMode | Callable[..., str]
 
 # Routing options set for a block of code by ``TORouterLLM.routing_options``, by router id.
 _SCOPED_OPTIONS: ContextVar[Mapping[int, Mapping[str, Any]] | None] = ContextVar("torouter_routing_options",

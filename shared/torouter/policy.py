@@ -67,6 +67,10 @@ def rank(quality: np.ndarray, costs: np.ndarray, cost_weight: float = 0.0,
     return order
 
 
+METADATA_KEY = "torouter"
+"""Key under which every adapter and the endpoint put a decision's metadata on a response."""
+
+
 @dataclass
 class Decision:
     """Why one prompt went where it went: the pick, the fallback order and the numbers behind it."""

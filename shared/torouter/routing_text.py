@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 from .data import Prompt, content_text
 
-ROUTE_ON = ("last_user", "recent_user", "conversation")
+RouteOnMode = Literal["last_user", "recent_user", "conversation"]
 """Built-in choices of the text to route on; see :func:`routing_text`."""
 
-RouteOn = Union[str, Callable[[Prompt], str]]
+ROUTE_ON: tuple[str, ...] = get_args(RouteOnMode)
+
+RouteOn = Union[RouteOnMode, Callable[[Prompt], str]]
 """A :data:`ROUTE_ON` mode, or a callable that takes the prompt and returns the text to route on."""
 
 MAX_CHARS = 2000
