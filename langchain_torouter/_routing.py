@@ -9,6 +9,7 @@ make an expert's call a child run, and shapes the decision into response metadat
 from __future__ import annotations
 
 import contextlib
+import warnings
 import os
 from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,7 +46,7 @@ except ImportError:  # pragma: no cover - older langchain-core 1.x
 ROUTE_TEXT_KEY = "torouter_route_text"
 """Run-metadata key holding the text to route on, set by ``route_on_input`` for every run inside a chain."""
 
-ROUTING_OPTIONS = ("model", "cost_weight", "max_cost")
+ROUTING_OPTIONS = ("expert", "model", "cost_weight", "max_cost")
 """Per-call keyword arguments that steer routing and are never passed to an expert."""
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
@@ -252,12 +253,25 @@ def tag_output(output: Any, meta: dict[str, Any]) -> Any:
     return output
 
 
-def split_options(kwargs: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
-    """Pop the per-call routing options ``model``, ``cost_weight`` and ``max_cost`` from ``kwargs``."""
-    forced = kwargs.pop("model", None)  # see ROUTING_OPTIONS
+def forced_expert(kwargs: dict[str, Any]) -> str | None:
+    """Pop the expert a call forces: ``expert=`` (as in LlamaIndex), or the deprecated ``model=``."""
+    forced = kwargs.pop("expert", None)
+    if "model" in kwargs:
+        model = kwargs.pop("model")
+        if model is not None:
+            warnings.warn("model= to force an expert is deprecated; use expert= (the same keyword as "
+                          "llamaindex_torouter)", DeprecationWarning, stacklevel=4)
+            if forced is not None and forced != model:
+                raise ValueError(f"expert={forced!r} and model={model!r} name different experts")
+            forced = model
     if forced is not None and not isinstance(forced, str):
-        raise TypeError(f"model must be an expert name, got {type(forced).__name__}")
-    return forced, kwargs.pop("cost_weight", None), kwargs.pop("max_cost", None)
+        raise TypeError(f"expert must be an expert name, got {type(forced).__name__}")
+    return forced
+
+
+def split_options(kwargs: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
+    """Pop the per-call routing options (``ROUTING_OPTIONS``) from ``kwargs``: forced expert, cost_weight, max_cost."""
+    return forced_expert(kwargs), kwargs.pop("cost_weight", None), kwargs.pop("max_cost", None)
 
 
 def candidates(forced: str | None, experts: Sequence[str], usable: Sequence[str] | None,
@@ -266,7 +280,7 @@ def candidates(forced: str | None, experts: Sequence[str], usable: Sequence[str]
     if forced is None:
         return None if usable is None else list(usable)
     if forced not in experts:
-        raise ValueError(f"model={forced!r} is not one of the experts {sorted(experts)}")
+        raise ValueError(f"expert={forced!r} is not one of the experts {sorted(experts)}")
     if usable is not None and forced not in usable:
         raise ValueError(f"expert {forced!r} cannot take this request: {skipped.get(forced, 'not usable')}")
     return [forced]

@@ -42,6 +42,7 @@ from ._routing import (
     ROUTE_TEXT_KEY,
     ROUTING_OPTIONS,
     achild_callbacks,
+    forced_expert,
     ahide_relays,
     attempt_config,
     candidates,
@@ -85,7 +86,7 @@ class ChatTORouter(BaseChatModel):
     fails, ``torouter.AllExpertsFailed`` names each failure. ``bind_tools`` and
     ``with_structured_output`` route only among the experts that support them.
 
-    Per call, ``model="<expert>"`` forces an expert and ``cost_weight=`` / ``max_cost=``
+    Per call, ``expert="<name>"`` forces an expert (``model=`` is its deprecated alias) and ``cost_weight=`` / ``max_cost=``
     override the defaults, through ``invoke`` keyword arguments, ``.bind(...)``,
     ``bind_tools(..., cost_weight=...)`` or ``create_agent`` model settings, in any order;
     they are never passed to an expert. Other keyword arguments go to the expert.
@@ -253,10 +254,11 @@ class ChatTORouter(BaseChatModel):
                 "cost_weight": self.cost_weight, "max_cost": self.max_cost, "route_on": route_on,
                 "default_expert": self.default_expert, "sticky": self.sticky,
                 "prices": self.prices, "fallbacks": self.fallbacks, **self._bound_params,
-                **({"model": self._forced_model} if self._forced_model else {})}
+                **({"expert": self._forced_model} if self._forced_model else {})}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="torouter", ls_model_name=kwargs.get("model") or self._forced_model or self.model_name,
+        params = LangSmithParams(ls_provider="torouter", ls_model_name=kwargs.get("expert") or kwargs.get("model")
+                                 or self._forced_model or self.model_name,
                                  ls_model_type="chat")
         temperature = kwargs.get("temperature", self.temperature)
         if temperature is not None:
@@ -269,22 +271,25 @@ class ChatTORouter(BaseChatModel):
         return params
 
     # --- routing ------------------------------------------------------------------------
-    def route(self, input: LanguageModelInput, *, model: str | None = None, cost_weight: float | None = None,
-              max_cost: float | None = None) -> Decision:
+    def route(self, input: LanguageModelInput, *, expert: str | None = None, cost_weight: float | None = None,
+              max_cost: float | None = None, model: str | None = None) -> Decision:
         """Which expert would answer ``input``, and the fallback order, without calling any expert."""
+        forced = forced_expert({"expert": expert, "model": model})
         return self.controller.decide(self._prompt(self._convert_input(input).to_messages()),
-                                      **self._options(model, cost_weight, max_cost))
+                                      **self._options(forced, cost_weight, max_cost))
 
-    async def aroute(self, input: LanguageModelInput, *, model: str | None = None,
-                     cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
+    async def aroute(self, input: LanguageModelInput, *, expert: str | None = None,
+                     cost_weight: float | None = None, max_cost: float | None = None,
+                     model: str | None = None) -> Decision:
         """``route`` with router inference in a worker thread, off the event loop."""
+        forced = forced_expert({"expert": expert, "model": model})
         return await self.controller.adecide(self._prompt(self._convert_input(input).to_messages()),
-                                             **self._options(model, cost_weight, max_cost))
+                                             **self._options(forced, cost_weight, max_cost))
 
-    def eligible(self, model: str | None = None) -> list[str] | None:
-        """Experts a request may go to (None: all): the forced ``model``, else those that took the bound tools."""
+    def eligible(self, expert: str | None = None) -> list[str] | None:
+        """Experts a request may go to (None: all): the forced ``expert``, else those that took the bound tools."""
         usable = None if self._bound is None else list(self._bound)
-        return candidates(model, list(self.experts), usable, self._skipped)
+        return candidates(expert, list(self.experts), usable, self._skipped)
 
     def _options(self, forced: str | None, cost_weight: float | None, max_cost: float | None) -> dict[str, Any]:
         """``Controller.decide`` keyword arguments: who may answer and this model's current trade-off."""
@@ -575,9 +580,13 @@ class ChatTORouter(BaseChatModel):
                                              *(ainvoke(i) for i in range(len(inputs))))
 
     # --- run-time routing options ----------------------------------------------------------
-    def with_routing(self, *, model: str | None = None, cost_weight: float | None = None,
-                     max_cost: float | None = None) -> ChatTORouter:
-        """A copy that routes with these options; they survive a later ``bind_tools``/``bind``."""
+    def with_routing(self, *, expert: str | None = None, cost_weight: float | None = None,
+                     max_cost: float | None = None, model: str | None = None) -> ChatTORouter:
+        """A copy that routes with these options; they survive a later ``bind_tools``/``bind``.
+
+        ``expert`` forces an expert (``model`` is its deprecated alias)."""
+        options = {"expert": expert, "model": model}
+        model = forced_expert(options)
         update: dict[str, Any] = {}
         if cost_weight is not None:
             update["cost_weight"] = cost_weight

@@ -26,6 +26,7 @@ from torouter.routing_text import RouteOnMode
 
 from ._routing import (
     check_router,
+    forced_expert,
     attempt_config,
     candidates,
     outcome,
@@ -52,7 +53,7 @@ class TORouterRunnable(RunnableSerializable[Any, Any]):
 
     Inputs are routed on directly when they are text, messages or a prompt value; for
     dict inputs set ``input_key`` to the key that holds the text. Per call,
-    ``model="<name>"`` forces a runnable and ``cost_weight=`` / ``max_cost=`` override
+    ``expert="<name>"`` forces a runnable (``model=`` is its deprecated alias) and ``cost_weight=`` / ``max_cost=`` override
     the defaults; other keyword arguments go to the runnable.
 
     Example:
@@ -154,10 +155,11 @@ class TORouterRunnable(RunnableSerializable[Any, Any]):
             raise ValueError(f"the input has no key {self.input_key!r} to route on (keys: {sorted(input)})")
         return to_prompt(input[self.input_key])
 
-    def route(self, input: Any, *, model: str | None = None, cost_weight: float | None = None,
-              max_cost: float | None = None) -> Decision:
+    def route(self, input: Any, *, expert: str | None = None, cost_weight: float | None = None,
+              max_cost: float | None = None, model: str | None = None) -> Decision:
         """Which runnable would take ``input``, and the fallback order, without running any."""
-        return self._controller.decide(self._prompt(input), allowed=self._allowed(model),
+        forced = forced_expert({"expert": expert, "model": model})
+        return self._controller.decide(self._prompt(input), allowed=self._allowed(forced),
                                        cost_weight=cost_weight, max_cost=max_cost)
 
     def _allowed(self, forced: str | None) -> list[str] | None:

@@ -155,7 +155,7 @@ def test_routing_options_survive_bind_then_bind_tools_in_any_order(llm):
     for model in (llm.bind(cost_weight=0.0).bind_tools(tools), llm.bind_tools(tools, cost_weight=0.0),
                   llm.bind_tools(tools).bind(cost_weight=0.0)):
         assert model.invoke(BIOMED).response_metadata["torouter"]["expert"] == expected
-    forced = llm.bind(model="code-7b").bind_tools(tools)
+    forced = llm.bind(expert="code-7b").bind_tools(tools)
     assert forced.invoke(BIOMED).response_metadata["torouter"]["expert"] == "code-7b"
 
 
@@ -183,7 +183,7 @@ def test_profile_model_name_and_token_counts(router):
     assert llm.get_num_tokens(CODE) == len(CODE.split())
     assert llm.get_num_tokens_from_messages([HumanMessage(CODE)]) >= len(CODE.split())
     # The forced expert's tokenizer counts for a model bound to it.
-    assert llm.with_routing(model="med-7b")._counting_expert() is experts["med-7b"]
+    assert llm.with_routing(expert="med-7b")._counting_expert() is experts["med-7b"]
     assert ChatTORouter(experts={name: ChatDown() for name in EXPERT_NAMES}, router=router).profile is None
 
 

@@ -95,12 +95,18 @@ def test_cost_weight_and_max_cost_steer_the_choice(llm, router):
 
 
 def test_model_override_forces_an_expert(llm):
-    message = llm.invoke(CODE, model="med-7b")
+    message = llm.invoke(CODE, expert="med-7b")
     routed = message.response_metadata["torouter"]
     assert (routed["expert"], routed["forced"], routed["ranking"]) == ("med-7b", True, ["med-7b"])
     assert message.response_metadata["model_name"] == "med-7b"
-    with pytest.raises(ValueError, match="model='gpt-5' is not one of the experts"):
-        llm.invoke(CODE, model="gpt-5")
+    with pytest.raises(ValueError, match="expert='gpt-5' is not one of the experts"):
+        llm.invoke(CODE, expert="gpt-5")
+    # model= is the deprecated alias of expert=.
+    with pytest.warns(DeprecationWarning, match="use expert="):
+        old = llm.invoke(CODE, model="med-7b")
+    assert old.response_metadata["torouter"]["expert"] == "med-7b"
+    with pytest.raises(ValueError, match="name different experts"):
+        llm.invoke(CODE, expert="med-7b", model="code-7b")
 
 
 def test_route_on_picks_the_text_the_router_reads(router):
@@ -199,7 +205,7 @@ def test_batch_routes_the_whole_batch_in_one_router_call(router):
     assert [m.response_metadata["torouter"]["expert"] for m in messages] == \
         ["code-7b", "med-7b", "edge-small", "cloud-large"]
     assert [m.content for m in messages] == [llm.invoke(p).content for p in prompts]
-    forced = llm.batch(prompts[:2], model="edge-small")
+    forced = llm.batch(prompts[:2], expert="edge-small")
     assert [m.response_metadata["torouter"]["expert"] for m in forced] == ["edge-small", "edge-small"]
 
 
@@ -339,7 +345,7 @@ def test_bind_tools_routes_only_among_experts_that_support_tools(router):
         full = chunk if full is None else full + chunk
     assert full.tool_calls[0]["args"] == {"a": 3, "b": 4}
     with pytest.raises(ValueError, match="expert 'cloud-large' cannot take this request"):
-        with_tools.invoke("3 + 4", model="cloud-large")
+        with_tools.invoke("3 + 4", expert="cloud-large")
     assert llm.invoke(BIOMED).response_metadata["torouter"]["ranking"][0] == "cloud-large"  # unbound: all
 
 

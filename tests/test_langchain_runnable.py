@@ -92,7 +92,7 @@ def test_model_override_and_fallbacks(chains):
     runnables = {**chains, "med-7b": RunnableLambda(down)}
     routed = TORouterRunnable(runnables=runnables, router=trained_router(), input_key="question", cost_weight=50.0)
     assert routed.invoke(ask("How is warfarin monitored?")) == "Warfarin is monitored with the INR blood test."
-    assert routed.invoke(ask(BIOMED), model="edge-small") == routed.runnables["edge-small"].invoke(ask(BIOMED))
+    assert routed.invoke(ask(BIOMED), expert="edge-small") == routed.runnables["edge-small"].invoke(ask(BIOMED))
     strict = TORouterRunnable(runnables=runnables, router=trained_router(), input_key="question",
                               cost_weight=50.0, fallbacks=False)
     with pytest.raises(OutageError, match="med desk closed"):

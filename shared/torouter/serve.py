@@ -769,7 +769,7 @@ class _Service:
         if body.temperature is not None:
             kwargs["temperature"] = body.temperature
         if forced is not None:
-            kwargs["model"] = forced
+            kwargs["expert"] = forced
         runnable, owner, allowed = self.with_tools(body, forced)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
