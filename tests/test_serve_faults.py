@@ -374,6 +374,23 @@ def test_a_hung_sync_expert_times_out_and_the_next_answers():
     assert 0.5 < elapsed < 2.5
 
 
+class OwnTimeout(ChatRuleBased):
+    async def _agenerate(self, messages, stop=None, run_manager=None, **kwargs):
+        raise TimeoutError("the provider timed out")
+
+
+def test_an_experts_own_timeout_error_is_reported_as_it_is():
+    order = ranking()
+    chat = router_with(**{order[0]: OwnTimeout(model=order[0])})
+    with serving(create_app(chat, token=TOKEN, timeouts=FAST)) as base:
+        start = time.monotonic()
+        response = post(base, {"model": "torouter", "messages": ask()})
+        elapsed = time.monotonic() - start
+    routed = response.json()["torouter"]
+    assert response.status_code == 200 and response.json()["model"] == order[1]
+    assert routed["failures"][order[0]] == "TimeoutError: the provider timed out" and elapsed < 0.5
+
+
 def test_per_expert_deadlines_override_the_default():
     order = ranking()
     chat = router_with(**{order[0]: SlowAsync(model=order[0], delay=1.0)})

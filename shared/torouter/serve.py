@@ -712,6 +712,10 @@ class _ClientGone(Exception):
     """The client disconnected: whatever was still working for it has been cancelled."""
 
 
+class _Overdue(Exception):
+    """A wait this server bounds ran out (not a TimeoutError, which an expert may raise itself)."""
+
+
 _END = object()  # an expert's answer is complete
 _GONE = object()  # the client went away while a request waited on an expert
 
@@ -915,9 +919,12 @@ class _Attempt:
         self.task = asyncio.create_task(self._run(runnable, messages, config, kwargs, stream, hard_deadline))
 
     async def next(self, timeout: float) -> Any:
-        """The next item (a message, a chunk or ``_END``); raises the expert's error, TimeoutError or _ClientGone."""
-        async with asyncio.timeout(timeout):
-            item = await self.queue.get()
+        """The next item (a message, a chunk or ``_END``); raises the expert's error, _Overdue or _ClientGone."""
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self.queue.get()
+        except TimeoutError:
+            raise _Overdue from None
         if item is _GONE:
             raise _ClientGone
         if isinstance(item, _Failed):
@@ -1008,7 +1015,7 @@ class _ClientWatch:
             self.attempt.queue.put_nowait(_GONE)
 
     async def run(self, awaitable: Awaitable[Any], timeout: float) -> Any:
-        """``awaitable``'s result; cancelled with TimeoutError after ``timeout`` s, or _ClientGone on a disconnect."""
+        """``awaitable``'s result; cancelled with _Overdue after ``timeout`` s, or _ClientGone on a disconnect."""
         if self.gone:
             raise _ClientGone
         task = asyncio.ensure_future(awaitable)
@@ -1023,7 +1030,7 @@ class _ClientWatch:
         task.cancel()
         if self.gone:
             raise _ClientGone
-        raise TimeoutError
+        raise _Overdue
 
     def close(self) -> None:
         self.task.cancel()
@@ -1334,7 +1341,7 @@ class _Service:
             except ValueError as exc:  # e.g. no user text to route on
                 raise _APIError(400, f"Cannot route this request: {exc}", code="unroutable",
                                 param="messages") from None
-            except TimeoutError:
+            except _Overdue:
                 raise self.deadline_error(request_id, {}, "routing") from None
             plan = _Plan(request_id, owner, messages, self.expert_kwargs(body), decision, forced, deadline,
                          self.chat_model.fallbacks)
@@ -1383,7 +1390,7 @@ class _Service:
             attempt = self.start(plan, name, False, watch)
             try:
                 message = await attempt.next(timeout)
-            except TimeoutError:
+            except _Overdue:
                 attempt.stop()
                 self.timed_out(plan, failures, name, "answer", limit)
                 continue
@@ -1437,7 +1444,7 @@ class _Service:
                     if item is _END:
                         raise EmptyAnswer("the expert's stream ended with no text and no tool call")
                     head.append(item)
-            except TimeoutError:
+            except _Overdue:
                 attempt.stop()
                 watch.attempt = None
                 self.timed_out(plan, failures, name, "first token", limit)
@@ -1494,9 +1501,9 @@ class _Service:
                 timeout, limit = self.time_left(plan, expert)
                 try:
                     if timeout <= 0:
-                        raise TimeoutError
+                        raise _Overdue
                     chunk = await attempt.next(timeout)
-                except TimeoutError:
+                except _Overdue:
                     if asyncio.get_running_loop().time() >= plan.deadline - 1e-3:
                         error = _APIError(504, f"The request deadline of {self.timeouts.request_s:g} s passed while "
                                                f"expert {expert!r} was streaming.", type="timeout_error",
