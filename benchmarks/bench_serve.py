@@ -14,7 +14,7 @@ The run prints, side by side:
 1. healthy experts: requests/s and p50/p99 latency, plain and streamed, and one at a
    time; the chosen expert called in-process is the floor the endpoint is compared with;
 2. the same traffic with the faults on: how many requests were answered, p50/p99/max
-   latency against the deadlines (``expert_s`` 1 s, ``request_s`` 10 s);
+   latency against the deadlines (``expert_s`` 1 s, 5 s for the slow expert; ``request_s`` 20 s);
 3. 200 concurrent slow streams (the slow expert, clients that read slowly) while a
    separate process polls ``/health``: its latency must stay flat;
 4. server RSS and thread count before, during and after 10,000 requests, 1,000 of them
@@ -62,7 +62,7 @@ from torouter.synthetic import EXPERTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = {"edge-small": "raise", "code-7b": "hang", "med-7b": "slow"}
-EXPERT_S, REQUEST_S = 1.0, 10.0
+EXPERT_S, REQUEST_S = 1.0, 20.0
 
 # Polls /health from a process of its own (so the benchmark client's own event loop, busy
 # with hundreds of streams, is not what gets measured) until the file argv[2] exists.
@@ -122,21 +122,24 @@ def serve(workdir: Path, token: str, flag: Path):
                    "kwargs": {"model": n, "fault": FAULTS.get(n, "slow"), "flag": str(flag) if n in FAULTS else ""}}
                for n in EXPERTS}
     config = {"router": "router", "cost_weight": 50, "auth": {"token_env": "BENCH_TOROUTER_TOKEN"},
-              "experts": experts, "timeouts": {"expert_s": EXPERT_S, "request_s": REQUEST_S},
+              "experts": experts,
+              # The slow expert may take 5 s (its whole answer, or a gap in its stream); the others 1 s.
+              "timeouts": {"expert_s": EXPERT_S, "request_s": REQUEST_S, "experts": {"med-7b": 5.0}},
               "limits": {"expert_threads": 8}}
     (workdir / "router.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     path = [str(REPO / "benchmarks"), str(REPO), str(REPO / "shared"), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "BENCH_TOROUTER_TOKEN": token, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    log = (workdir / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "torouter.cli", "serve", "--config", str(workdir / "router.yaml"),
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):  # up to 120 s to import and load the router
             if process.poll() is not None:
-                raise RuntimeError(f"torouter serve exited: {process.communicate()[1][-2000:]}")
+                raise RuntimeError(f"torouter serve exited: {(workdir / 'server.log').read_text()[-2000:]}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
@@ -151,6 +154,7 @@ def serve(workdir: Path, token: str, flag: Path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.close()
 
 
 def memory(pid: int) -> tuple[float, int]:
@@ -248,7 +252,8 @@ async def run(base: str, pid: int, token: str, prompts: list[str], flag: Path, a
         out["faults_stream"] = row("faults, streamed: last event", args.fault_requests // 2, wall, latencies,
                                    f"{answered_stream}/{args.fault_requests // 2} answered")
         out["faults_stream"]["answered"] = answered_stream
-        print(f"{'':<46} answered by {dict(by)}; deadlines: expert {EXPERT_S:g} s, request {REQUEST_S:g} s")
+        print(f"{'':<46} answered by {dict(by)}; deadlines: expert {EXPERT_S:g} s (med-7b 5 s), "
+              f"request {REQUEST_S:g} s")
 
         # 3. 200 slow streams (the slow expert; clients pause 20 ms per event) while /health is polled
         stop = flag.with_name("probe-stop")
@@ -293,13 +298,15 @@ async def run(base: str, pid: int, token: str, prompts: list[str], flag: Path, a
         rss_after, threads_after = memory(pid)
         gave_up = sum(r == -1 for r in results)
         ok = sum(r == 200 for r in results)
+        statuses = Counter(r for r in results if r not in (-1, 1))
         out["rss"] = {"before_mb": rss_before, "after_mb": rss_after, "threads_before": threads_before,
                       "threads_after": threads_after, "requests": args.rss_requests, "abandoned": gave_up,
-                      "answered": ok, "rps": args.rss_requests / wall,
+                      "answered": ok, "statuses": dict(statuses), "rps": args.rss_requests / wall,
                       "checkpoints": [{"requests": n, "rss_mb": mb, "threads": t} for n, mb, t in checkpoints]}
         print(f"\nRSS {rss_before:.0f} MB -> {rss_after:.0f} MB ({rss_after - rss_before:+.0f} MB), threads "
               f"{threads_before} -> {threads_after}, over {args.rss_requests:,} requests in {wall:.0f} s "
-              f"({ok:,} answered, {gave_up:,} abandoned by their client after 0.1 s); along the way: "
+              f"({ok:,} answered, {gave_up:,} abandoned by their client after 0.1 s, statuses {dict(statuses)}); "
+              "along the way: "
               + ", ".join(f"{n:,}: {mb:.0f} MB" for n, mb, _ in checkpoints))
 
         # 5. requests that must be refused, inside a burst of valid ones
@@ -353,9 +360,16 @@ def main(argv: list[str] | None = None) -> dict:
         flag = workdir / "faults-on"
         with serve(workdir, token, flag) as (base, pid):
             results = asyncio.run(run(base, pid, token, prompts, flag, args))
+        log = (workdir / "server.log").read_text().splitlines()
+    # What the server logged: its own warnings, and why requests failed (first failure named).
+    warnings = Counter(line.split(": ", 2)[-1][:100] for line in log
+                       if line.startswith("WARNING") and "chatcmpl-" not in line)
+    failures = Counter(line.split(": ", 3)[-1].split(";")[0][:100] for line in log if "chatcmpl-" in line)
     overhead = results["healthy_sequential"]["p99_ms"] - results["direct"]["p99_ms"]
     print(f"\np99 overhead of the endpoint over calling the chosen expert directly, one at a time: {overhead:.1f} ms; "
           f"whole run {time.perf_counter() - started:.0f} s")
+    print("server warnings:", dict(warnings.most_common(6)))
+    print("request failures logged:", dict(failures.most_common(8)))
     print(json.dumps(results, default=float))
     return results
 

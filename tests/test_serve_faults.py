@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import threading
 import time
@@ -506,7 +507,7 @@ def test_an_expert_that_blocks_the_event_loop_does_not_freeze_health():
 
 
 def test_an_async_expert_that_blocks_the_loop_is_moved_to_its_own_threads(caplog):
-    chat = router_with(**{"med-7b": BlocksTheLoop(model="med-7b", block=0.8)})
+    chat = router_with(**{"med-7b": BlocksTheLoop(model="med-7b", block=1.5)})
     app = create_app(chat, token=TOKEN)
     with serving(app) as base, caplog.at_level("WARNING", logger="torouter.serve"):
         assert post(base, {"model": "med-7b", "messages": ask("What is 1 plus 1?")}).status_code == 200
@@ -640,3 +641,72 @@ def test_connection_and_expert_limits_come_from_the_config():
     service = app.state.torouter
     assert {lane.concurrency for lane in service.lanes.values()} == {3}
     assert {lane.threads.size for lane in service.lanes.values()} == {2}
+
+
+# --------------------------------------------------------------------------- shutdown with a hung expert
+
+
+HUNG_SERVER = '''
+import os, signal, sys, threading, time
+import httpx
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_standard.support import trained_router
+from langchain_torouter import ChatRuleBased, ChatTORouter
+from torouter.serve import Timeouts, create_app, run_server
+
+class Hung(BaseChatModel):
+    @property
+    def _llm_type(self):
+        return "hung"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        threading.Event().wait()  # never returns
+
+experts = {n: ChatRuleBased(model=n) for n in ["edge-small", "code-7b", "cloud-large"]}
+experts["med-7b"] = Hung()
+app = create_app(ChatTORouter(experts=experts, router=trained_router()), timeouts=Timeouts(expert_s=0.5, request_s=2))
+port = int(sys.argv[1])
+
+def client():
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            httpx.get(base + "/health", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    response = httpx.post(base + "/v1/chat/completions", timeout=10,
+                          json={"model": "med-7b", "messages": [{"role": "user", "content": "hi"}]})
+    print("answered", response.status_code, response.json()["error"]["message"], flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("sigterm sent", time.monotonic(), flush=True)
+
+threading.Thread(target=client, daemon=True).start()
+run_server(app, "127.0.0.1", port, log_level="error")
+'''
+
+
+@pytest.mark.slow
+def test_a_hung_expert_thread_does_not_hold_up_shutdown(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "hung_server.py"
+    script.write_text(HUNG_SERVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "tests"), str(repo / "shared"), str(repo),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(script), str(port)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    stopped = time.monotonic()
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert lines["answered"].startswith("502") and "med-7b: ExpertTimeout" in lines["answered"], result.stdout
+    assert stopped - float(lines["sigterm"].split()[-1]) < 10, "the process waited on the hung expert's thread"
+    assert result.returncode in (0, -signal.SIGTERM), result.stderr[-2000:]

@@ -840,10 +840,11 @@ class _LoopWatch(threading.Thread):
     """Notices an expert's async code blocking the event loop, and moves that expert to its own threads.
 
     A daemon thread pings the loop ten times a second. When a ping has waited
-    ``_BLOCKING_STEP_S``, it reads the loop thread's stack twice, a tenth of a second
-    apart: an expert whose same call is on the stack both times is what holds the loop,
-    and its calls run on its own threads from then on. (Its first blocking call cannot
-    be taken back; ``threaded: true`` in its config avoids even that one.)
+    ``_BLOCKING_STEP_S``, it reads the loop thread's stack three times, a quarter of a
+    second apart: an expert whose same call is on the stack every time, while the ping
+    still waits, is what holds the loop (a loop merely starved of CPU moves on between
+    samples), and its calls run on its own threads from then on. Its first blocking call
+    cannot be taken back; ``threaded: true`` in its config avoids even that one.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, lanes: Mapping[int, _Lane]):
@@ -858,10 +859,13 @@ class _LoopWatch(threading.Thread):
             except RuntimeError:  # the loop is closed: the server stopped
                 return
             if not beat.wait(_BLOCKING_STEP_S):
-                first = self._expert_frame()
-                time.sleep(0.1)
-                second = self._expert_frame()
-                if first is not None and second is not None and first[0] is second[0] and not beat.is_set():
+                samples = [self._expert_frame()]
+                for _ in range(2):
+                    time.sleep(0.25)
+                    samples.append(self._expert_frame())
+                first = samples[0]
+                if first is not None and not beat.is_set() and all(
+                        sample is not None and sample[0] is first[0] for sample in samples):
                     lane = first[1]
                     if not lane.threaded:
                         lane.threaded = True
