@@ -145,7 +145,8 @@ class AuthConfig(_Strict):
 
 
 class Limits(_Strict):
-    """Per-request limits, so one client cannot tie up the server or run up an expert's bill."""
+    """Limits on requests and on what each expert may hold, so one client cannot tie up the server
+    or run up an expert's bill, and one slow or hung expert cannot starve the others."""
 
     max_request_bytes: int = Field(1_048_576, ge=1)
     """Largest request body; bigger ones get 413."""
