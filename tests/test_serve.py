@@ -768,7 +768,7 @@ def test_cli_serves_and_drains_in_flight_requests_on_sigterm(router_dir, tmp_pat
         "experts": rule_experts_config(**{"med-7b": {"class": "slow_experts:SlowRuleBased",
                                                      "kwargs": {"model": "med-7b"}}})})
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "shared"), str(REPO)]),
            "TOROUTER_TEST_TOKEN": TOKEN, "TOROUTER_TEST_MARKER": str(marker), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "torouter.cli", "serve", "--config", str(path), "--port",
                                 str(port), "--log-level", "warning"], cwd=REPO, env=env,
