@@ -9,6 +9,7 @@ make an expert's call a child run, and shapes the decision into response metadat
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ from langchain_core.callbacks import (
     UsageMetadataCallbackHandler,
 )
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, convert_to_messages
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, convert_to_messages
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableLambda
 
@@ -242,6 +243,19 @@ def model_name(runnable: Runnable, fallback: str) -> str:
         if isinstance(name, str) and name:
             return name
     return fallback
+
+
+def as_chunk(item: Any) -> AIMessageChunk:
+    """A streamed item as a message chunk: a chat model that cannot stream yields its whole ``AIMessage``."""
+    if isinstance(item, AIMessageChunk):
+        return item
+    if isinstance(item, AIMessage):
+        calls = [{"name": c["name"], "args": json.dumps(c.get("args") or {}), "id": c.get("id"), "index": i,
+                  "type": "tool_call_chunk"} for i, c in enumerate(item.tool_calls)]
+        return AIMessageChunk(content=item.content, additional_kwargs=item.additional_kwargs,
+                              response_metadata=item.response_metadata, usage_metadata=item.usage_metadata,
+                              id=item.id, tool_call_chunks=calls)
+    raise TypeError(f"the expert's stream yielded a {type(item).__name__}, not a message chunk")
 
 
 def tag_output(output: Any, meta: dict[str, Any]) -> Any:

@@ -14,17 +14,23 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.language_models.chat_models import (
+    agenerate_from_stream,
+    generate_from_stream,
+)
+from langchain_core.load.serializable import SerializedNotImplemented
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import ensure_config, get_config_list, get_executor_for_config
+from langchain_core.runnables.config import (
+    ensure_config,
+    get_config_list,
+    get_executor_for_config,
+)
 from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langchain_core.load.serializable import SerializedNotImplemented
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
-
 from torouter.controller import (
     Controller,
     acall_with_fallbacks,
@@ -37,17 +43,20 @@ from torouter.routers import Router
 from torouter.routing_text import RouteOnMode
 
 from ._routing import (
-    check_router,
     METADATA_KEY,
     ROUTE_TEXT_KEY,
     ROUTING_OPTIONS,
     achild_callbacks,
-    forced_expert,
     ahide_relays,
+    as_chunk,
     attempt_config,
+    build_experts,
     candidates,
+    check_router,
     child_callbacks,
+    forced_expert,
     hide_relays,
+    merged_profile,
     messages_to_prompt,
     model_name,
     outcome,
@@ -56,8 +65,6 @@ from ._routing import (
     run_batch,
     split_options,
     stream_parent,
-    build_experts,
-    merged_profile,
     take_predecided,
     take_stream_parent,
 )
@@ -707,6 +714,7 @@ class _ChunkTagger:
         self.named = False
 
     def tag(self, name: str, chunk: AIMessageChunk, failures: Mapping[str, BaseException]) -> ChatGenerationChunk:
+        chunk = as_chunk(chunk)  # an expert that cannot stream yields its whole message
         meta = dict(chunk.response_metadata)
         self.named = self.named or bool(meta.get("model_name"))
         if self.last is None:

@@ -6,13 +6,15 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForChainRun,
+    CallbackManagerForChainRun,
+)
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.base import coerce_to_runnable
 from langchain_core.runnables.config import get_config_list, get_executor_for_config
 from langchain_core.runnables.utils import gather_with_concurrency
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
-
 from torouter.controller import (
     Controller,
     acall_with_fallbacks,
@@ -25,16 +27,16 @@ from torouter.routers import Router
 from torouter.routing_text import RouteOnMode
 
 from ._routing import (
-    check_router,
-    forced_expert,
     attempt_config,
     candidates,
+    check_router,
+    forced_expert,
     outcome,
     predecided,
     run_batch,
     split_options,
-    take_predecided,
     tag_output,
+    take_predecided,
     to_prompt,
 )
 

@@ -240,3 +240,20 @@ def test_agent_steps_reuse_one_decision(router):
     create_agent(per_call, tools=[multiply]).invoke(
         {"messages": [HumanMessage("Use the multiply tool to compute 12 times 7.")]})
     assert counted.calls - before == len(model_turns)
+
+
+@pytest.mark.asyncio
+async def test_streaming_from_an_expert_that_cannot_stream(router):
+    from langchain_core.language_models import BaseChatModel
+
+    class Whole(ChatRuleBased):
+        _stream = BaseChatModel._stream
+        _astream = BaseChatModel._astream
+
+    experts = {name: Whole(model=name) for name in EXPERT_NAMES}
+    llm = ChatTORouter(experts=experts, router=router, cost_weight=50.0)
+    chunks = list(llm.stream(BIOMED))
+    assert "".join(c.text for c in chunks) == ChatRuleBased(model="med-7b").invoke(BIOMED).content
+    assert chunks[0].response_metadata["torouter"]["expert"] == "med-7b"
+    achunks = [c async for c in llm.astream(BIOMED)]
+    assert "".join(c.text for c in achunks) == "".join(c.text for c in chunks)

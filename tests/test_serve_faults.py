@@ -710,3 +710,43 @@ def test_a_hung_expert_thread_does_not_hold_up_shutdown(tmp_path):
     assert lines["answered"].startswith("502") and "med-7b: ExpertTimeout" in lines["answered"], result.stdout
     assert stopped - float(lines["sigterm"].split()[-1]) < 10, "the process waited on the hung expert's thread"
     assert result.returncode in (0, -signal.SIGTERM), result.stderr[-2000:]
+
+
+# --- secrets echoed by an expert ----------------------------------------------------------------------------
+class ChatEchoingToken(BaseChatModel):
+    """An expert that repeats the server's bearer token, streamed a few characters at a time."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "echo-token"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs: Any) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=f"The key is {TOKEN}, keep it."))])
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        text = f"The key is {TOKEN}, keep it."
+        for i in range(0, len(text), 3):
+            yield ChatGenerationChunk(message=AIMessageChunk(content=text[i:i + 3]))
+
+
+def test_a_secret_an_expert_echoes_is_masked_plain_and_streamed():
+    experts = {name: ChatEchoingToken() for name in EXPERTS}
+    app = create_app(ChatTORouter(experts=experts, router=trained_router()), token=TOKEN)
+    with serving(app) as base:
+        plain = post(base, {"model": "torouter", "messages": ask()})
+        assert plain.status_code == 200 and TOKEN not in plain.text
+        assert plain.json()["choices"][0]["message"]["content"] == "The key is ***, keep it."
+        status, events = stream_events(base, {"model": "torouter", "messages": ask()})
+        assert status == 200 and TOKEN not in json.dumps(events)
+        assert text_of(events) == "The key is ***, keep it."
+
+
+def test_stream_masker_masks_secrets_split_anywhere():
+    from torouter.credentials import Redactor, StreamMasker
+
+    secret = "tok-abcdefghijklmnop"
+    text = f"a {secret} b {secret}{secret} c"
+    for size in range(1, len(text) + 1):
+        masker = StreamMasker(Redactor([secret]))
+        out = "".join(masker.feed(text[i:i + size]) for i in range(0, len(text), size)) + masker.flush()
+        assert out == "a *** b ****** c", size

@@ -151,8 +151,45 @@ class Redactor:
         text = URL_PASSWORD.sub(lambda m: f"{m.group('head')}{MASK}@", text)
         return KEY_PATTERNS.sub(MASK, text)
 
+    def mask_values(self, text: str) -> str:
+        """Mask only known secret values (and their escaped forms): for a model's answer, where the
+        key-like patterns of ``__call__`` would also hit ordinary text."""
+        for form in self._all_forms():
+            if form in text:
+                text = text.replace(form, MASK)
+        return text
+
+    def longest(self) -> int:
+        """Length of the longest secret form ``mask_values`` looks for."""
+        return max((len(form) for form in self._all_forms()), default=0)
+
     def __repr__(self) -> str:
         return f"Redactor({len(self._secrets)} secrets)"
+
+
+class StreamMasker:
+    """Masks known secret values in streamed text, even a secret split across chunks.
+
+    ``feed`` returns the text that is safe to send: everything except a tail one
+    character shorter than the longest secret, which may be the start of one; ``flush``
+    returns that tail at the end. Any secret lying wholly inside the held text is masked
+    before anything is released, so none can straddle what was sent and what was held.
+    """
+
+    def __init__(self, redactor: Redactor):
+        self.redactor = redactor
+        self.pending = ""
+
+    def feed(self, text: str) -> str:
+        self.pending = self.redactor.mask_values(self.pending + text)
+        hold = max(self.redactor.longest() - 1, 0)
+        cut = max(len(self.pending) - hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.redactor.mask_values(self.pending), ""
+        return out
 
 
 def reveal(value: Any, redactor: Redactor, where: str = "kwargs") -> Any:

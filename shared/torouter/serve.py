@@ -76,7 +76,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .credentials import MissingEnvironmentVariable, Redactor, hide_secrets, import_object, reveal
+from .credentials import MissingEnvironmentVariable, Redactor, StreamMasker, hide_secrets, import_object, reveal
 
 logger = logging.getLogger("torouter.serve")
 
@@ -889,19 +889,11 @@ class _LoopWatch(threading.Thread):
         return None
 
 
-def _as_chunk(item: Any) -> Any:
-    """A streamed item as a message chunk: experts that cannot stream yield their whole ``AIMessage``."""
-    from langchain_core.messages import AIMessage, AIMessageChunk
+def as_chunk(item: Any) -> Any:
+    """A streamed item as a message chunk (``langchain_torouter``'s rule, imported when first needed)."""
+    from langchain_torouter._routing import as_chunk as to_chunk
 
-    if isinstance(item, AIMessageChunk):
-        return item
-    if isinstance(item, AIMessage):
-        calls = [{"name": c["name"], "args": json.dumps(c.get("args") or {}), "id": c.get("id"), "index": i,
-                  "type": "tool_call_chunk"} for i, c in enumerate(item.tool_calls)]
-        return AIMessageChunk(content=item.content, additional_kwargs=item.additional_kwargs,
-                              response_metadata=item.response_metadata, usage_metadata=item.usage_metadata,
-                              id=item.id, tool_call_chunks=calls)
-    raise TypeError(f"the expert's stream yielded a {type(item).__name__}, not a message chunk")
+    return to_chunk(item)
 
 
 def _has_output(message: Any) -> bool:
@@ -957,7 +949,7 @@ class _Attempt:
                                 chunk = await anext(chunks)
                             except StopAsyncIteration:
                                 break
-                            self.queue.put_nowait(_as_chunk(chunk))
+                            self.queue.put_nowait(as_chunk(chunk))
                     finally:
                         await chunks.aclose()
                 else:
@@ -987,7 +979,7 @@ class _Attempt:
                 for chunk in iterator:
                     if stop.is_set():
                         break
-                    put(_as_chunk(chunk))
+                    put(as_chunk(chunk))
             finally:
                 iterator.close()
             return _END
@@ -1418,10 +1410,15 @@ class _Service:
         routed = self.routing(plan.outcome(name, failures))
         logger.info("%s -> %s (chosen %s, fallback=%s, forced=%s)", plan.request_id, name, plan.decision.expert,
                     bool(failures), plan.forced is not None)
-        reply: dict[str, Any] = {"role": "assistant", "content": message.text, "refusal": None}
+        # An expert may echo a secret (a key it was given, a header): answers are masked like logs.
+        text = self.redact.mask_values(message.text)
+        reply: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         finish = _finish_reason(message.response_metadata) or "stop"
         if message.tool_calls:
-            reply.update(content=message.text or None, tool_calls=_openai_tool_calls(message.tool_calls))
+            calls = _openai_tool_calls(message.tool_calls)
+            for call in calls:
+                call["function"]["arguments"] = self.redact.mask_values(call["function"]["arguments"])
+            reply.update(content=text or None, tool_calls=calls)
             finish = "tool_calls"
         return JSONResponse({
             "id": plan.request_id, "object": "chat.completion", "created": int(time.time()), "model": name,
@@ -1475,6 +1472,7 @@ class _Service:
         usage: dict[str, int] = {}
         finish = None
         called = False
+        masker = StreamMasker(self.redact)  # an echoed secret is masked even when split across chunks
 
         def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
             data = {"id": plan.request_id, "object": "chat.completion.chunk", "created": created, "model": expert,
@@ -1490,9 +1488,14 @@ class _Service:
                 if isinstance(value, int):
                     usage[key] = usage.get(key, 0) + value
             finish = _finish_reason(chunk.response_metadata) or finish
-            delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+            text = masker.feed(chunk.text) if chunk.text else ""
+            delta: dict[str, Any] = {"content": text} if text else {}
             if getattr(chunk, "tool_call_chunks", None):
-                delta["tool_calls"] = _openai_tool_deltas(chunk.tool_call_chunks)
+                deltas = _openai_tool_deltas(chunk.tool_call_chunks)
+                for call in deltas:
+                    if isinstance(call.get("function", {}).get("arguments"), str):
+                        call["function"]["arguments"] = self.redact.mask_values(call["function"]["arguments"])
+                delta["tool_calls"] = deltas
                 called = True
             return delta
 
@@ -1523,6 +1526,8 @@ class _Service:
                     break
                 if delta := absorb(chunk):
                     yield event(delta)
+            if tail := masker.flush():
+                yield event({"content": tail})
             yield event({}, "tool_calls" if called else finish or "stop")
             if include_usage:
                 data = {"id": plan.request_id, "object": "chat.completion.chunk", "created": created,
