@@ -1,7 +1,7 @@
 """Glue shared by ``ChatTORouter`` and ``TORouterRunnable``: LangChain inputs, callbacks and metadata.
 
-No routing happens here: which text is routed on, the ranking and the fallback order
-come from ``torouter.Controller`` and its fallback helpers. This module only turns
+No routing happens here: who may answer, which text is routed on, the ranking and the
+fallback order come from ``torouter.Controller`` and its fallback helpers. This module only turns
 LangChain inputs into the core's prompt format, builds the callback managers that
 make an expert's call a child run, and shapes the decision into response metadata.
 """
@@ -286,18 +286,6 @@ def forced_expert(kwargs: dict[str, Any]) -> str | None:
 def split_options(kwargs: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
     """Pop the per-call routing options (``ROUTING_OPTIONS``) from ``kwargs``: forced expert, cost_weight, max_cost."""
     return forced_expert(kwargs), kwargs.pop("cost_weight", None), kwargs.pop("max_cost", None)
-
-
-def candidates(forced: str | None, experts: Sequence[str], usable: Sequence[str] | None,
-               skipped: Mapping[str, str]) -> list[str] | None:
-    """Experts a request may go to (None: all), checking a forced ``model=`` name."""
-    if forced is None:
-        return None if usable is None else list(usable)
-    if forced not in experts:
-        raise ValueError(f"expert={forced!r} is not one of the experts {sorted(experts)}")
-    if usable is not None and forced not in usable:
-        raise ValueError(f"expert {forced!r} cannot take this request: {skipped.get(forced, 'not usable')}")
-    return [forced]
 
 
 def run_batch(invoke: Callable[[int], Any], return_exceptions: bool) -> Callable[[int], Any]:

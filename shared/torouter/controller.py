@@ -1,8 +1,10 @@
 """A thin controller over a trained router: one conversation in, a decision and fallbacks out.
 
 This is all the routing logic the framework adapters (LangChain, LlamaIndex, the
-HTTP endpoint) need: which text to route on, the cost-aware ranking, and trying
-the next expert in that ranking when the chosen one fails before producing output.
+HTTP endpoint) need: who may answer a request (``eligible``), which text to route
+on, the cost-aware ranking, and trying the next expert in that ranking when the
+chosen one fails before producing output. Adapters only translate their framework's
+request into a core prompt plus these options, and the decision back.
 """
 
 from __future__ import annotations
@@ -11,26 +13,21 @@ import asyncio
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
 from .data import Prompt
+from .errors import AllExpertsFailed, IneligibleRequest, RoutingError
 from .policy import Decision, rank
 from .routers import Router, load_router
 from .routing_text import MAX_CHARS, ROUTE_ON, RouteOn, routing_text
 
 T = TypeVar("T")
 
-
-class AllExpertsFailed(RuntimeError):
-    """Every expert tried for a request failed; ``failures`` maps each to its exception."""
-
-    def __init__(self, failures: dict[str, BaseException]):
-        self.failures = failures
-        detail = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures.items())
-        super().__init__(f"all {len(failures)} experts failed: {detail}")
+__all__ = ["AllExpertsFailed", "Controller", "IneligibleRequest", "RoutingError", "acall_with_fallbacks",
+           "astream_with_fallbacks", "call_with_fallbacks", "check_cost_options", "stream_with_fallbacks"]
 
 
 class Controller:
@@ -131,44 +128,81 @@ class Controller:
         with self._lock:
             self._cache.clear()
 
+    def eligible(self, expert: str | None = None, allowed: Iterable[str] | None = None,
+                 unable: Mapping[str, str] | None = None) -> list[str] | None:
+        """The experts a request may go to, in the router's order, or None when every expert may.
+
+        ``expert`` forces one expert; ``allowed`` narrows the choice to some experts;
+        ``unable`` names experts that cannot take this request and why (the adapter's
+        finding, e.g. an expert that could not bind the request's tools). Raises
+        ``IneligibleRequest`` saying why when a forced expert is unknown, not allowed or
+        unable, when ``allowed`` names unknown experts, and when nobody is left.
+        """
+        names = self.experts
+        allowed_set = None if allowed is None else set([allowed] if isinstance(allowed, str) else allowed)
+        unable = dict(unable or {})
+        unknown = (allowed_set or set()) - set(names)
+        if unknown:
+            raise IneligibleRequest(f"unknown experts {sorted(unknown)} in allowed: unknown to the router, which knows {names}")
+        unknown = set(unable) - set(names)
+        if unknown:
+            raise IneligibleRequest(f"unknown experts {sorted(unknown)} marked unable; the router knows {names}")
+        if expert is not None:
+            if not isinstance(expert, str):
+                raise IneligibleRequest(f"expert must be an expert name, got {type(expert).__name__}")
+            if expert not in names:
+                raise IneligibleRequest(f"unknown expert {expert!r}: expert={expert!r} is not one of the "
+                                        f"experts {sorted(names)}")
+            if allowed_set is not None and expert not in allowed_set:
+                raise IneligibleRequest(f"expert {expert!r} is not allowed for this request "
+                                        f"(allowed: {sorted(allowed_set)})")
+            if expert in unable:
+                raise IneligibleRequest(f"expert {expert!r} cannot take this request: {unable[expert]}")
+            return [expert]
+        pool = [n for n in names if (allowed_set is None or n in allowed_set) and n not in unable]
+        if not pool:
+            if unable:
+                raise IneligibleRequest(f"no expert can take this request: {unable}")
+            raise IneligibleRequest("no expert is allowed for this request")
+        return None if len(pool) == len(names) else pool
+
     def decide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
-               cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
-        """Rank the (allowed) experts for ``prompt``; ``Decision.ranking`` is the fallback order."""
-        return self.decide_many([prompt], allowed, cost_weight, max_cost)[0]
+               cost_weight: float | None = None, max_cost: float | None = None, *,
+               expert: str | None = None, unable: Mapping[str, str] | None = None) -> Decision:
+        """Rank the eligible experts for ``prompt`` (see ``eligible``); ``Decision.ranking`` is the fallback order."""
+        return self.decide_many([prompt], allowed, cost_weight, max_cost, expert=expert, unable=unable)[0]
 
     async def adecide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
-                      cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
+                      cost_weight: float | None = None, max_cost: float | None = None, *,
+                      expert: str | None = None, unable: Mapping[str, str] | None = None) -> Decision:
         """``decide`` in a worker thread, so router inference never blocks the event loop."""
-        return await asyncio.to_thread(self.decide, prompt, allowed, cost_weight, max_cost)
+        return await asyncio.to_thread(self.decide, prompt, allowed, cost_weight, max_cost,
+                                       expert=expert, unable=unable)
 
     def decide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
-                    cost_weight: float | None = None, max_cost: float | None = None) -> list[Decision]:
+                    cost_weight: float | None = None, max_cost: float | None = None, *,
+                    expert: str | None = None, unable: Mapping[str, str] | None = None) -> list[Decision]:
         """``decide`` for many prompts with one router call: batched inference costs far less per prompt."""
-        texts = [self.text(prompt) for prompt in prompts]
-        if not texts:
-            return []
-        allowed = None if allowed is None else list(allowed)
-        quality = self.quality(texts)
-        return [self._decision(text, q, allowed, cost_weight, max_cost) for text, q in zip(texts, quality)]
-
-    async def adecide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
-                           cost_weight: float | None = None, max_cost: float | None = None) -> list[Decision]:
-        """``decide_many`` in a worker thread, off the event loop."""
-        return await asyncio.to_thread(self.decide_many, prompts, allowed, cost_weight, max_cost)
-
-    def _decision(self, text: str, quality, allowed, cost_weight, max_cost) -> Decision:
+        pool = self.eligible(expert, allowed, unable)
         weight = self.cost_weight if cost_weight is None else cost_weight
         budget = self.max_cost if max_cost is None else max_cost
         check_cost_options(weight, budget)
-        mask = None
-        if allowed is not None:
-            allowed = set(allowed)
-            unknown = allowed - set(self.experts)
-            if unknown:
-                raise ValueError(f"unknown experts {sorted(unknown)}; the router knows {self.experts}")
-            if not allowed:
-                raise ValueError("no expert is allowed for this request")
-            mask = [e in allowed for e in self.experts]
+        texts = [self.text(prompt) for prompt in prompts]
+        if not texts:
+            return []
+        quality = self.quality(texts)
+        return [self._decision(text, q, pool, weight, budget) for text, q in zip(texts, quality)]
+
+    async def adecide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
+                           cost_weight: float | None = None, max_cost: float | None = None, *,
+                           expert: str | None = None, unable: Mapping[str, str] | None = None) -> list[Decision]:
+        """``decide_many`` in a worker thread, off the event loop."""
+        return await asyncio.to_thread(self.decide_many, prompts, allowed, cost_weight, max_cost,
+                                       expert=expert, unable=unable)
+
+    def _decision(self, text: str, quality: np.ndarray, pool: list[str] | None, weight: float,
+                  budget: float | None) -> Decision:
+        mask = None if pool is None else [e in pool for e in self.experts]
         order = rank(quality, self.costs, weight, budget, mask)
         names = [self.experts[i] for i in order]
         if not text.strip() and self.default_expert in names:
