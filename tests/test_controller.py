@@ -467,3 +467,18 @@ def test_astream_with_fallbacks():
     assert list(out[0][2]) == ["a"]
     with pytest.raises(ConnectionError, match="refused"):
         asyncio.run(collect(fallbacks=False))
+
+
+def test_cached_decisions_follow_the_settings_and_are_private_copies(router):
+    controller = Controller(router)
+    first = controller.decide("hello", cost_weight=0.0)
+    assert first.expert == "big"
+    calls = router.calls_
+    assert controller.decide("hello", cost_weight=0.2).expert == "cheap"  # other settings: not the cached one
+    assert controller.decide("hello", allowed=["coder", "cheap"]).ranking == ["cheap", "coder"]
+    assert router.calls_ == calls  # ... though the prediction itself came from the cache
+    first.ranking.append("mutated")
+    first.scores["big"] = -1.0
+    again = controller.decide("hello", cost_weight=0.0)
+    assert again.ranking == ["big", "cheap", "coder"] and again.scores["big"] == 0.8
+    assert controller.cache_hits >= 3

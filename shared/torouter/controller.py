@@ -13,6 +13,7 @@ import asyncio
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -43,9 +44,11 @@ class Controller:
     When a request has no text to route on (an image-only or empty request), the router
     ranks the experts for the empty text and ``default_expert``, if set, goes first.
 
-    Predictions are cached by routed text (``cache_size`` entries, least recently used
-    dropped; 0 turns the cache off): an agent's model calls within one user turn route on
-    the same question, so after the first call each decision costs no encoder pass.
+    Predictions are cached by routed text, and decisions by routed text plus the
+    settings that shape them (cost weight, budget, eligible experts), ``cache_size``
+    entries each, least recently used dropped; 0 turns caching off. An agent's model
+    calls within one user turn, and retries, route on the same question, so after the
+    first call a decision costs a dictionary look-up instead of an encoder pass.
     ``router_calls`` and ``cache_hits`` count both.
     """
 
@@ -73,6 +76,7 @@ class Controller:
         self.router_calls = 0
         self.cache_hits = 0
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._decisions: OrderedDict[tuple, Decision] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -124,9 +128,10 @@ class Controller:
         return np.stack(rows) if rows else np.zeros((0, len(self.experts)))
 
     def clear_cache(self) -> None:
-        """Forget cached predictions (needed only if the router object is refitted in place)."""
+        """Forget cached predictions and decisions (needed only if the router object is refitted in place)."""
         with self._lock:
             self._cache.clear()
+            self._decisions.clear()
 
     def eligible(self, expert: str | None = None, allowed: Iterable[str] | None = None,
                  unable: Mapping[str, str] | None = None) -> list[str] | None:
@@ -190,8 +195,33 @@ class Controller:
         texts = [self.text(prompt) for prompt in prompts]
         if not texts:
             return []
-        quality = self.quality(texts)
-        return [self._decision(text, q, pool, weight, budget) for text, q in zip(texts, quality)]
+        pool_key = None if pool is None else tuple(pool)
+        decisions: list[Decision | None] = [None] * len(texts)
+        todo = list(range(len(texts)))
+        if self.cache_size:
+            todo = []
+            with self._lock:
+                for i, text in enumerate(texts):
+                    cached = self._decisions.get((text, weight, budget, pool_key))
+                    if cached is None:
+                        todo.append(i)
+                    else:
+                        self._decisions.move_to_end((text, weight, budget, pool_key))
+                        if text in self._cache:  # keep both caches' recency in step
+                            self._cache.move_to_end(text)
+                        self.cache_hits += 1
+                        decisions[i] = _copy(cached)
+        if todo:
+            quality = self.quality([texts[i] for i in todo])
+            for i, q in zip(todo, quality):
+                decisions[i] = self._decision(texts[i], q, pool, weight, budget)
+            if self.cache_size:
+                with self._lock:
+                    for i in todo:
+                        self._decisions[(texts[i], weight, budget, pool_key)] = _copy(decisions[i])
+                        while len(self._decisions) > self.cache_size:
+                            self._decisions.popitem(last=False)
+        return decisions  # type: ignore[return-value]
 
     async def adecide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
                            cost_weight: float | None = None, max_cost: float | None = None, *,
@@ -213,6 +243,12 @@ class Controller:
             scores={e: float(q) for e, q in zip(self.experts, quality)},
             costs={e: float(c) for e, c in zip(self.experts, self.costs)},
             cost_weight=weight, max_cost=budget, routed_text=text)
+
+
+def _copy(decision: Decision) -> Decision:
+    """A decision callers may change without touching the cached one."""
+    return replace(decision, ranking=list(decision.ranking), scores=dict(decision.scores),
+                   costs=dict(decision.costs))
 
 
 def check_cost_options(cost_weight: float, max_cost: float | None) -> None:
