@@ -125,7 +125,7 @@ class Controller:
                         self._cache.move_to_end(text)
                         while len(self._cache) > self.cache_size:
                             self._cache.popitem(last=False)
-        return np.stack(rows) if rows else np.zeros((0, len(self.experts)))
+        return np.stack(rows) if rows else np.zeros((0, len(self.experts)))  # type: ignore[arg-type]
 
     def clear_cache(self) -> None:
         """Forget cached predictions and decisions (needed only if the router object is refitted in place)."""
@@ -218,7 +218,7 @@ class Controller:
             if self.cache_size:
                 with self._lock:
                     for i in todo:
-                        self._decisions[(texts[i], weight, budget, pool_key)] = _copy(decisions[i])
+                        self._decisions[(texts[i], weight, budget, pool_key)] = _copy(decisions[i])  # type: ignore[arg-type]
                         while len(self._decisions) > self.cache_size:
                             self._decisions.popitem(last=False)
         return decisions  # type: ignore[return-value]
