@@ -461,6 +461,8 @@ class _Service:
                         error = _APIError(504, f"Expert {expert!r} sent nothing for {limit:g} s while streaming.",
                                           type="timeout_error", code="expert_timeout")
                     logger.warning("%s: %s", plan.request_id, error.message)
+                    if tail := masker.flush():  # what the expert did send reaches the client, masked
+                        yield event({"content": tail})
                     yield error.event()
                     return
                 if chunk is _END:
@@ -480,6 +482,8 @@ class _Service:
                            self.redact(f"{type(exc).__name__}: {exc}"))
             error = _APIError(502, f"Expert {expert!r} failed while streaming.", type="upstream_error",
                               code="expert_failed")
+            if tail := masker.flush():
+                yield event({"content": tail})
             yield error.event()
         finally:
             attempt.stop()
