@@ -29,7 +29,6 @@ class ConfigError(ValueError):
     """A server config that cannot be loaded or built; the message names the bad field."""
 
 
-
 class _Strict(BaseModel):
     # No NaN or infinity: ``cost_weight: .inf`` or ``request_s: .inf`` would switch a guard off silently.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)

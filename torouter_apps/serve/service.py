@@ -54,7 +54,6 @@ from .protocol import (
 
 logger = logging.getLogger("torouter.serve")
 
-
 _FAILURE_CHARS = 300
 
 
