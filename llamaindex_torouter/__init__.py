@@ -1,13 +1,11 @@
 """LlamaIndex integration for torouter: ``TORouterLLM`` routes each request to the best expert LLM."""
 
-from .base import (
-    METADATA_KEY,
-    ExpertFallbackEvent,
-    RoutedCallbackManager,
-    RoutingDecisionEvent,
-    TORouterLLM,
-    supports_tools,
-)
+from torouter.policy import METADATA_KEY
+
+from .base import TORouterLLM
+from .callbacks import RoutedCallbackManager
+from .events import ExpertFallbackEvent, RoutingDecisionEvent
+from .utils import supports_tools
 from .local_experts import ExpertUnavailableError, ExtractiveLLM, ExtractiveToolLLM
 
 __all__ = [
