@@ -236,15 +236,19 @@ import time
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 lock = threading.Lock()
+arrived = threading.Condition(lock)
 in_flight = {}
 peak = {}
+waves = {}  # tag -> calls to wait for before any proceeds (so a loaded machine still shows the peak)
 release = threading.Event()
 
 
 def _enter(tag):
-    with lock:
+    with arrived:
         in_flight[tag] = in_flight.get(tag, 0) + 1
         peak[tag] = max(peak.get(tag, 0), in_flight[tag])
+        arrived.notify_all()
+        arrived.wait_for(lambda: in_flight[tag] >= waves.get(tag, 0), timeout=2.0)
 
 
 def _leave(tag):
@@ -312,6 +316,7 @@ def test_sync_experts_really_run_concurrency_calls_at_once(sync_experts, tmp_pat
         {"name": "langchain", "tier": "cloud", "concurrency": 12, "retries": 0,
          "langchain": {"class": "sync_experts:SlowSyncChat", "kwargs": {"responses": ["ok"]}}},
     ])
+    sync_experts.waves.update({"wide": 16, "narrow": 3, "langchain": 12})
     prompts = [{"id": f"q{i}", "prompt": f"p{i}"} for i in range(48)]
     summary = prepare(manifest, prompts, tmp_path / "d.jsonl", score=None, progress=False)
     assert summary.run.failed == {"wide": 0, "narrow": 0, "langchain": 0}
