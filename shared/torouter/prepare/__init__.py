@@ -8,7 +8,11 @@ Needs the ``prepare`` extra (pyyaml, bert-score, gguf, accelerate, datasets).
 """
 
 from .cache import CacheError, CallCache
-from .experts import Answer, Expert, ExpertSpec, Manifest, ManifestError, build_expert, build_experts, load_manifest
+from .backends import backend_names, build_expert, build_experts, get_backend, register_backend, unregister_backend
+from .base import Answer, Expert
+from .clients import build_chat_model
+from .manifest import (BackendSpec, ExpertBuildError, ExpertSpec, Generation, KwargsSpec, LangChainSpec, Manifest,
+                       ManifestError, Price, load_manifest, parse_manifest)
 from .loaders import LOADERS, load_benchmark
 from .pipeline import (PrepareError, PrepareSummary, PromptItem, demo_prompts, demo_prompts_path, prepare,
                        read_prompts, rescore, resolve_prompts)
@@ -16,9 +20,10 @@ from .runner import Backoff, Job, Runner, RunStats, is_transient
 from .scorers import METRICS, ScoreError, ScorerConfig, make_scorer
 
 __all__ = [
-    "Answer", "Backoff", "CacheError", "CallCache", "Expert", "ExpertSpec", "Job", "LOADERS", "METRICS",
-    "Manifest", "ManifestError", "PrepareError", "PrepareSummary", "PromptItem", "RunStats", "Runner",
-    "ScoreError", "ScorerConfig", "build_expert", "build_experts", "demo_prompts", "demo_prompts_path",
-    "is_transient", "load_benchmark", "load_manifest", "make_scorer", "prepare", "read_prompts", "rescore",
-    "resolve_prompts",
+    "Answer", "BackendSpec", "Backoff", "CacheError", "CallCache", "Expert", "ExpertBuildError", "ExpertSpec",
+    "Generation", "Job", "KwargsSpec", "LOADERS", "LangChainSpec", "METRICS", "Manifest", "ManifestError",
+    "PrepareError", "PrepareSummary", "Price", "PromptItem", "RunStats", "Runner", "ScoreError", "ScorerConfig",
+    "backend_names", "build_chat_model", "build_expert", "build_experts", "demo_prompts", "demo_prompts_path",
+    "get_backend", "is_transient", "load_benchmark", "load_manifest", "make_scorer", "parse_manifest", "prepare",
+    "read_prompts", "register_backend", "rescore", "resolve_prompts", "unregister_backend",
 ]
