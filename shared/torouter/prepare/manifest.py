@@ -276,6 +276,18 @@ class ExpertSpec(_Strict):
             return self._added[1]
         return getattr(self, self.kind)
 
+    def __getattr__(self, item: str) -> Any:
+        # ``spec.<backend>`` for an added backend too, as for the built-in ones.
+        added = self.__pydantic_private__.get("_added") if self.__pydantic_private__ else None
+        if added is not None and item == added[0]:
+            return added[1]
+        return super().__getattr__(item)
+
+    def __repr_args__(self):
+        yield from super().__repr_args__()
+        if self._added is not None:
+            yield self._added
+
     def settings(self) -> dict[str, Any]:
         """What determines an answer: the backend and generation settings (no price, no secrets)."""
         builder = self.backend.model_dump(mode="json", by_alias=True)
