@@ -18,6 +18,7 @@ from torouter.prepare.clients import LangChainExpert, PythonExpert
 from torouter.prepare.manifest import Generation, parse_manifest
 
 from torouter.credentials import Redactor
+from torouter.data import prompt_text
 
 BUILTIN = ["huggingface", "langchain", "llamaindex", "python"]
 FAKE_LC = "langchain_core.language_models.fake_chat_models:FakeListChatModel"
@@ -40,7 +41,7 @@ class EchoExpert(Expert):
         self.started_with = self._reveal(self.options.kwargs)
 
     async def agenerate(self, prompt, reference, timeout_s):
-        return self._answer(f"{self.options.prefix}{prompt}", prompt, 2, 3, 0.01)
+        return self._answer(f"{self.options.prefix}{prompt_text(prompt)}", prompt, 2, 3, 0.01)
 
 
 @pytest.fixture
@@ -193,6 +194,19 @@ def test_a_builtin_backend_can_be_replaced():
 async def _start_and_ask(expert, prompt):
     await expert.start()
     return await expert.agenerate(prompt, None, 5.0)
+
+
+def test_langchain_adapter_serves_a_registered_backend(echo_backend, tmp_path):
+    from langchain_torouter import ChatManifestExpert
+
+    path = tmp_path / "experts.yaml"
+    path.write_text("experts:\n  - {name: echo-a, tier: edge, echo: {prefix: 'A:'}}\n"
+                    "  - {name: py, tier: cloud, python: {callable: 'builtins:str'}}\n")
+    chats = ChatManifestExpert.from_manifest(path)
+    assert sorted(chats) == ["echo-a", "py"] and isinstance(chats["echo-a"].expert, EchoExpert)
+    message = chats["echo-a"].invoke("hello")
+    assert message.content == "A:hello" and message.usage_metadata["output_tokens"] == 3
+    assert isinstance(chats["py"].expert, PythonExpert)
 
 
 # --------------------------------------------------------------------------- build_chat_model

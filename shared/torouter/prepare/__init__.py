@@ -5,6 +5,12 @@ records each answer's text, tokens, latency, cost and, for local models, the NLL
 the reference, scores it against the reference and writes routing data for
 ``torouter train``. Calls are cached in SQLite, so an interrupted run resumes.
 Needs the ``prepare`` extra (pyyaml, bert-score, gguf, accelerate, datasets).
+
+An expert is built one way, wherever it is used (``prepare``, ``ChatManifestExpert``,
+the endpoint): ``manifest`` reads and checks ``experts.yaml``; ``backends`` builds each
+entry with the backend it names (``register_backend`` adds backends); ``base`` is the
+``Expert`` interface every backend implements; ``clients`` holds the LangChain,
+LlamaIndex and Python backends and ``build_chat_model``; ``local`` the Hugging Face one.
 """
 
 from .cache import CacheError, CallCache
