@@ -8,14 +8,17 @@ input; ``TORouterRunnable`` routes among arbitrary runnables
 (whole sub-chains per domain). ``ChatRuleBased`` is a deterministic offline chat model
 for tests, examples and benchmarks. ``ChatManifestExpert`` serves the experts of a
 ``torouter prepare`` manifest (local Hugging Face models included) as chat models.
+``messages_to_prompt`` and ``as_chunk`` convert LangChain messages and streamed items
+the way ``ChatTORouter`` does, for programs built on this adapter.
 """
 
 from ._routing import route_on_input
 from .chat_models import ChatTORouter
 from .manifest import ChatManifestExpert
+from .messages import as_chunk, messages_to_prompt
 from .middleware import TORouterContext, TORouterDecisionModel, TORouterMiddleware
 from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 
 __all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterContext", "TORouterDecisionModel",
-           "TORouterMiddleware", "TORouterRunnable", "route_on_input"]
+           "TORouterMiddleware", "TORouterRunnable", "as_chunk", "messages_to_prompt", "route_on_input"]
