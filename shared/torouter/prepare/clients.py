@@ -14,7 +14,7 @@ import inspect
 import time
 from collections.abc import Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import Secret
 
@@ -64,22 +64,27 @@ def build_chat_model(name: str, spec: LangChainSpec, redactor: Redactor | None =
         from langchain_core.language_models import BaseChatModel
     except ImportError:
         raise ExpertBuildError(name, "LangChain experts need `pip install langchain-core`") from None
+    model_string, class_path = spec.model, spec.class_
+    if (model_string is None) == (class_path is None):
+        raise ExpertBuildError(name, "give exactly one of model: 'provider:model' or class: 'module:Class'")
     kwargs = reveal_kwargs(name, spec.kwargs, redactor, "kwargs")
     gen = generation_kwargs(generation)
-    if spec.model is not None:
+    factory: Any
+    if model_string is not None:
         try:
             from langchain.chat_models import init_chat_model
         except ImportError:
             raise ExpertBuildError(
-                name, f"{spec.model!r} is built with LangChain's init_chat_model, which needs "
+                name, f"{model_string!r} is built with LangChain's init_chat_model, which needs "
                 "`pip install langchain` plus the provider package (e.g. langchain-openai); "
                 "or give class: 'module:Class' with kwargs instead", "model") from None
-        factory: Any = partial(init_chat_model, spec.model)
-        what = f"model {spec.model!r}"
+        factory = partial(init_chat_model, model_string)
+        what = f"model {model_string!r}"
     else:
-        factory = import_for(name, spec.class_, "class")
+        assert class_path is not None  # one of the two is set, checked above
+        factory = import_for(name, class_path, "class")
         check_generation_fields(name, factory, gen)
-        what = spec.class_
+        what = class_path
     model = build_with(name, factory, {**gen, **kwargs}, what, redactor)
     if not isinstance(model, BaseChatModel):
         raise ExpertBuildError(name, f"{what} built a {type(model).__name__}, not a LangChain chat model")
@@ -92,8 +97,12 @@ class LangChainExpert(Expert):
     kind = "langchain"
     spec_class = LangChainSpec
 
+    @property
+    def options(self) -> LangChainSpec:
+        return cast(LangChainSpec, self.spec.backend)
+
     async def start(self) -> None:
-        self._llm = build_chat_model(self.name, self.spec.langchain, self._redactor, self.spec.generation)
+        self._llm = build_chat_model(self.name, self.options, self._redactor, self.spec.generation)
         self._blocking = _langchain_blocks(self._llm)
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
@@ -152,8 +161,12 @@ class LlamaIndexExpert(Expert):
     kind = "llamaindex"
     spec_class = LlamaIndexSpec
 
+    @property
+    def options(self) -> LlamaIndexSpec:
+        return cast(LlamaIndexSpec, self.spec.backend)
+
     async def start(self) -> None:
-        spec = self.spec.llamaindex
+        spec = self.options
         cls = self._import(spec.class_, "class")
         gen = generation_kwargs(self.spec.generation)
         self._check_fields(cls, gen)
@@ -183,12 +196,16 @@ class PythonExpert(Expert):
     kind = "python"
     spec_class = PythonSpec
 
+    @property
+    def options(self) -> PythonSpec:
+        return cast(PythonSpec, self.spec.backend)
+
     async def start(self) -> None:
-        self._fn = self._import(self.spec.python.callable, "callable")
+        self._fn = self._import(self.options.callable, "callable")
         if not callable(self._fn):
-            raise ExpertBuildError(self.name, f"{self.spec.python.callable!r} is not callable", "callable")
+            raise ExpertBuildError(self.name, f"{self.options.callable!r} is not callable", "callable")
         # Held wrapped between calls, unwrapped only to pass to the callable.
-        self._kwargs = Secret(self._reveal(self.spec.python.kwargs))
+        self._kwargs = Secret(self._reveal(self.options.kwargs))
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         start = time.perf_counter()
@@ -211,7 +228,7 @@ class PythonExpert(Expert):
                                   result.get("output_tokens"), result.get("latency_s", latency))
             answer.nll = result.get("nll")
             return answer
-        raise TypeError(f"{self.spec.python.callable} returned {type(result).__name__}; "
+        raise TypeError(f"{self.options.callable} returned {type(result).__name__}; "
                         "expected a string, an Answer or a dict with 'text'")
 
 
