@@ -303,7 +303,7 @@ def test_build_chat_model_model_strings_need_langchain(monkeypatch):
 # --------------------------------------------------------------------------- import graph
 
 
-PREPARE = Path(__file__).resolve().parents[1] / "shared" / "torouter" / "prepare"
+PREPARE = Path(__file__).resolve().parents[2] / "shared" / "torouter" / "prepare"
 
 
 def _module_level_imports(path: Path) -> set[str]:
