@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from torouter.data import RoutingDataset, write_jsonl  # noqa: E402
 from torouter.prepare import Answer, CallCache, Expert, Job, Runner, demo_prompts, prepare  # noqa: E402
-from torouter.prepare.experts import parse_manifest  # noqa: E402
+from torouter.prepare.manifest import parse_manifest  # noqa: E402
 from torouter.prepare.scorers import ScorerConfig, make_scorer  # noqa: E402
 
 

@@ -40,13 +40,21 @@ class ChatManifestExpert(BaseChatModel):
         self._expert = expert
 
     @classmethod
+    def from_spec(cls, spec: Any, **kwargs: Any) -> ChatManifestExpert:
+        """A chat model over one manifest entry (``torouter.prepare.ExpertSpec``), built by the
+        backend the entry names, as ``torouter prepare`` builds it."""
+        from torouter.prepare import build_expert
+
+        return cls(build_expert(spec), **kwargs)
+
+    @classmethod
     def from_manifest(cls, manifest: str | os.PathLike | Any) -> dict[str, ChatManifestExpert]:
         """Chat models for every expert of a manifest file (or a parsed ``Manifest``), by name."""
-        from torouter.prepare import build_experts, load_manifest
+        from torouter.prepare import load_manifest
 
         if isinstance(manifest, (str, os.PathLike)):
             manifest = load_manifest(manifest)
-        return {expert.name: cls(expert) for expert in build_experts(manifest)}
+        return {spec.name: cls.from_spec(spec) for spec in manifest.experts}
 
     @property
     def expert(self) -> Any:

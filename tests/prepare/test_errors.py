@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from torouter.cli import app
 from torouter.prepare import Answer, CacheError, CallCache, Expert, PrepareError, prepare
-from torouter.prepare.experts import parse_manifest
+from torouter.prepare.manifest import parse_manifest
 
 PROMPTS = [{"id": f"q{i}", "prompt": f"question {i}", "reference": f"answer {i}"} for i in range(40)]
 

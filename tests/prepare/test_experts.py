@@ -6,7 +6,8 @@ import json
 import pytest
 
 from torouter.prepare import ManifestError, build_expert, load_manifest, prepare
-from torouter.prepare.experts import cut_at_stop, parse_manifest, to_messages
+from torouter.prepare.base import cut_at_stop, to_messages
+from torouter.prepare.manifest import parse_manifest
 
 FAKE_LC = "langchain_core.language_models.fake_chat_models.FakeListChatModel"
 

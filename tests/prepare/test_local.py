@@ -6,7 +6,7 @@ import math
 import pytest
 
 from torouter.prepare import build_expert
-from torouter.prepare.experts import ManifestError, parse_manifest
+from torouter.prepare.manifest import ManifestError, parse_manifest
 from torouter.prepare.local import GenerationTimeout, cache_dir, resolve_source
 from torouter.prepare import local
 

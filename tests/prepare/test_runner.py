@@ -9,7 +9,7 @@ import pytest
 
 from torouter.data import RoutingDataset
 from torouter.prepare import Answer, Backoff, CallCache, Expert, Job, Runner, is_transient, prepare
-from torouter.prepare.experts import parse_manifest
+from torouter.prepare.manifest import parse_manifest
 from torouter.prepare.runner import retry_after
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from torouter.cli import app
 from torouter.credentials import Redactor, hide_secrets, reveal
 from torouter.prepare import ManifestError, build_expert, prepare
-from torouter.prepare.experts import parse_manifest
+from torouter.prepare.manifest import parse_manifest
 
 # Variable names that do not look like credentials (no KEY, TOKEN, SECRET or PASSWORD in them).
 VALUES = {

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from langchain_torouter import ChatManifestExpert, ChatTORouter
-from torouter.credentials import MissingEnvironmentVariable, Redactor, hide_secrets, import_object, reveal
+from torouter.credentials import Redactor, hide_secrets
+from torouter.prepare import ExpertBuildError
+from torouter.prepare import build_chat_model as build_expert_chat_model
 from torouter.routers import RouterFileError, load_router
 
 DEFAULT_NAME = "torouter"
@@ -215,41 +216,12 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
     return config
 
 
-def _import_object(path: str, where: str) -> Any:
-    try:
-        return import_object(path)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{where}: cannot import {path!r}: {exc}") from None
-
-
 def _build_expert(name: str, spec: ExpertConfig, redactor: Redactor) -> Any:
-    from langchain_core.language_models import BaseChatModel
-
-    where = f"experts.{name}"
+    """The chat model of one ``experts:`` entry, built exactly as ``prepare`` builds a manifest's."""
     try:
-        kwargs = reveal(spec.kwargs, redactor, f"{where}.kwargs")
-    except MissingEnvironmentVariable as exc:
-        raise ConfigError(str(exc)) from None
-    if spec.model is not None:
-        try:
-            from langchain.chat_models import init_chat_model
-        except ImportError:
-            raise ConfigError(
-                f"{where}.model: {spec.model!r} is built with LangChain's init_chat_model, which needs "
-                "`pip install langchain` plus the provider package (e.g. langchain-openai); "
-                "or give class: 'module:Class' with kwargs instead") from None
-        factory: Callable[..., Any] = partial(init_chat_model, spec.model)
-        what = f"model {spec.model!r}"
-    else:
-        factory = _import_object(spec.class_, f"{where}.class")
-        what = spec.class_
-    try:
-        expert = factory(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - any construction error is a configuration error
-        raise ConfigError(f"{where}: could not build {what}: {type(exc).__name__}: {redactor(str(exc))}") from None
-    if not isinstance(expert, BaseChatModel):
-        raise ConfigError(f"{where}: {what} built a {type(expert).__name__}, not a LangChain chat model")
-    return expert
+        return build_expert_chat_model(name, spec, redactor)
+    except ExpertBuildError as exc:
+        raise ConfigError(exc.at(f"experts.{name}")) from None
 
 
 def _build(config: ServeConfig, redactor: Redactor) -> Any:

@@ -260,7 +260,7 @@ def make_private_dir():
 
 def remove_tree(path):
     """Delete the work directory without following the links the program may have left in it."""
-    for top, dirs, files, top_fd in os.fwalk(path, topdown=False):
+    for _top, dirs, files, top_fd in os.fwalk(path, topdown=False):
         for name in files:
             try:
                 os.unlink(name, dir_fd=top_fd)

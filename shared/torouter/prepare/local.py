@@ -25,7 +25,8 @@ from typing import Any
 
 from ..data import Prompt, prompt_text
 from ..encoders import default_device
-from .experts import Answer, Expert, ManifestError, cut_at_stop, to_messages
+from .base import Answer, Expert, cut_at_stop, to_messages
+from .manifest import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -382,3 +383,11 @@ class HuggingFaceExpert(Expert):
         except asyncio.CancelledError:
             cancel.set()  # the worker thread stops at its next token
             raise
+
+
+# How the ``huggingface`` backend runs where the manifest says nothing: one call at a
+# time per model (calls share the device anyway), minutes per answer on CPU, and no
+# retries, since a local failure is not transient.
+HuggingFaceExpert.default_concurrency = 1
+HuggingFaceExpert.default_timeout_s = 600.0
+HuggingFaceExpert.default_retries = 0

@@ -21,7 +21,9 @@ from typing import Any
 from ..data import (DataError, OutputPathError, Prompt, Record, check_id_and_prompt, check_writable,
                     iter_json_objects, iter_jsonl, validate_record, write_jsonl)
 from .cache import CallCache, call_key, canonical_hash
-from .experts import Expert, Manifest, build_experts, load_manifest
+from .backends import build_experts
+from .base import Expert
+from .manifest import Manifest, load_manifest
 from .runner import Backoff, Job, Runner, RunStats
 from .scorers import Scorer, ScoreError, ScorerConfig, make_scorer
 

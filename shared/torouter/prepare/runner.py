@@ -21,7 +21,7 @@ from typing import Any
 
 from ..data import Prompt
 from .cache import CacheError, CallCache
-from .experts import Expert
+from .base import Expert
 
 _TRANSIENT_NAMES = ("RateLimit", "Timeout", "TimedOut", "APIConnection", "ServiceUnavailable",
                     "InternalServer", "Overloaded", "TooManyRequests", "ServerError", "Throttl",
