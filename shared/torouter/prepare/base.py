@@ -47,9 +47,9 @@ def to_messages(prompt: Prompt, system_prompt: str | None = None) -> list[dict[s
     """The prompt as ``{role, content}`` messages with text content (roles normalised)."""
     roles = {"human": "user", "ai": "assistant"}
     if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
+        messages: list[dict[str, str]] = [{"role": "user", "content": prompt}]
     else:
-        messages = [{"role": roles.get(m.get("role", "user"), m.get("role", "user")),
+        messages = [{"role": str(roles.get(m.get("role", "user"), m.get("role", "user"))),
                      "content": content_text(m.get("content", ""))} for m in prompt]
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})

@@ -26,7 +26,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,7 @@ class CallCache:
 
     def __init__(self, path: str | os.PathLike, durable: bool = False, lock: bool = True):
         self.path = Path(path)
-        self._db: sqlite3.Connection | None = None
+        self._connection: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -165,7 +165,7 @@ class CallCache:
             log.warning("%s is empty (0 bytes): starting a new cache there; every call will be made, "
                         "including any this file held before it was emptied", self.path)
         with self._guard("opening it"):
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self._connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
@@ -194,6 +194,13 @@ class CallCache:
             raise CacheError(_explain(self.path, ValueError(f"a cached call is unreadable: {exc}"), doing)
                              ) from None
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The open connection (the cache is opened in ``__init__``; ``close`` ends it)."""
+        if self._connection is None:
+            raise CacheError(f"{self.path}: the cache is closed")
+        return self._connection
+
     # --- calls ------------------------------------------------------------------------
     def put(self, key: str, expert: str, settings: str, prompt_hash: str, result: dict[str, Any]) -> None:
         """Commit one finished call (a success or a recorded failure)."""
@@ -214,7 +221,7 @@ class CallCache:
         return found
 
     def count(self, expert: str | None = None, ok: bool | None = None) -> int:
-        sql, args = "SELECT COUNT(*) FROM calls WHERE 1=1", []
+        sql, args = "SELECT COUNT(*) FROM calls WHERE 1=1", list[str | int]()
         if expert is not None:
             sql += " AND expert = ?"
             args.append(expert)
@@ -238,7 +245,7 @@ class CallCache:
                 found.update(rows)
         return found
 
-    def put_scores(self, scorer: str, scores: dict[str, float | None]) -> None:
+    def put_scores(self, scorer: str, scores: Mapping[str, float | None]) -> None:
         """Commit a batch of scores in one transaction."""
         with self._guard("saving scores"), self._db:
             self._db.execute("BEGIN")
@@ -247,12 +254,12 @@ class CallCache:
 
     def close(self) -> None:
         try:
-            if self._db is not None:
+            if self._connection is not None:
                 if self._lock is not None:
                     with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("DELETE FROM meta WHERE k = 'holder'")
-                self._db.close()
-                self._db = None
+                        self._connection.execute("DELETE FROM meta WHERE k = 'holder'")
+                self._connection.close()
+                self._connection = None
         finally:
             if self._lock is not None:
                 self._lock.release()

@@ -45,7 +45,7 @@ def load_rows(hub_id: str, config: str | None, split: str, source: str | os.Path
         files = sorted(str(p) for p in folder.glob(f"{split}-*") if p.suffix in _BUILDERS)
         if not files:
             raise DataError(f"{folder}: no {split}-* data files (expected the hub layout <config>/<split>-*.parquet)")
-        builder = _BUILDERS[Path(files[0]).suffix]
+        builder: str | None = _BUILDERS[Path(files[0]).suffix]
     elif path.is_file():
         builder = _BUILDERS.get(path.suffix)
         if builder is None:
@@ -76,7 +76,7 @@ def gsm8k_row(row: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 def mbpp_row(row: dict[str, Any]) -> dict[str, Any]:
-    text = row.get("text") or row.get("prompt")  # "full" has text, "sanitized" has prompt
+    text = row.get("text") or row.get("prompt") or ""  # "full" has text, "sanitized" has prompt
     tests = list(row["test_list"])
     setup = (row.get("test_setup_code") or "").strip()
     imports = "\n".join(row.get("test_imports") or [])

@@ -153,7 +153,7 @@ def load_model(source: str, gguf_file: str | None, dtype: str = "auto", device: 
         hf_logging.disable_progress_bar()
         torch_dtype = _torch_dtype(dtype, device)
         local_gguf = gguf_file is not None and (Path(source) / gguf_file).is_file()
-        converted = _converted_dir(source, gguf_file, dtype) if local_gguf and convert_cache else None
+        converted = _converted_dir(source, gguf_file, dtype) if gguf_file and local_gguf and convert_cache else None
         if converted is not None and (converted / "config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(converted)
             model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype)
@@ -166,7 +166,7 @@ def load_model(source: str, gguf_file: str | None, dtype: str = "auto", device: 
                     _save_converted(model, tokenizer, converted)
                 except Exception as exc:  # noqa: BLE001 - the cache is an optimisation only
                     log.warning("could not cache converted weights in %s: %s", converted, exc)
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapper types ``to`` too narrowly
         model.eval()
         _MODELS[key] = (tokenizer, model)
         return tokenizer, model

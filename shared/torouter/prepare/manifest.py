@@ -281,7 +281,7 @@ class ExpertSpec(_Strict):
         added = self.__pydantic_private__.get("_added") if self.__pydantic_private__ else None
         if added is not None and item == added[0]:
             return added[1]
-        return super().__getattr__(item)
+        return super().__getattr__(item)  # type: ignore[misc]  # pydantic defines it at run time
 
     def __repr_args__(self):
         yield from super().__repr_args__()

@@ -162,14 +162,15 @@ def score_calls(pairs: Sequence[tuple[str, str, str]], scorer: Scorer, cache: Ca
     scores = cache.get_scores(signature, [key for key, _, _ in unique]) if cache is not None else {}
     todo = [p for p in unique if p[0] not in scores]
     problems: list[tuple[str, str]] = []
-    chunks = [todo[i:i + SCORE_CHUNK] for i in range(0, len(todo), SCORE_CHUNK)]
-    if progress and len(chunks) > 1:
+    batches = [todo[i:i + SCORE_CHUNK] for i in range(0, len(todo), SCORE_CHUNK)]
+    chunks: Iterable[list[tuple[str, str, str]]] = batches
+    if progress and len(batches) > 1:
         from rich.progress import track
 
-        chunks = track(chunks, description=f"scoring ({scorer.config.metric})", transient=True)
+        chunks = track(batches, description=f"scoring ({scorer.config.metric})", transient=True)
     for chunk in chunks:
         try:
-            values = scorer.score([a for _, a, _ in chunk], [r for _, _, r in chunk])
+            values: list[float | None] = list(scorer.score([a for _, a, _ in chunk], [r for _, _, r in chunk]))
         except ScoreError:
             values = []
             for key, answer, reference in chunk:  # find the pairs that cannot be scored
