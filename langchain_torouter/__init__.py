@@ -5,17 +5,18 @@ model a trained TO-Router picks; ``TORouterMiddleware`` routes the model calls o
 LangChain v1 agent (``create_agent``) and ``TORouterDecisionModel`` drives LangChain's
 ``ModelRouterMiddleware``; ``route_on_input`` makes a chain route on one key of its
 input; ``TORouterRunnable`` routes among arbitrary runnables
-(whole sub-chains per domain). ``ChatRuleBased`` is a deterministic offline chat model
-for tests, examples and benchmarks. ``ChatManifestExpert`` serves the experts of a
+(whole sub-chains per domain). ``RuleBasedFakeChatModel`` is a deterministic offline chat
+model for tests, examples and benchmarks (``ChatRuleBased`` is its deprecated alias). ``ChatManifestExpert`` serves the experts of a
 ``torouter prepare`` manifest (local Hugging Face models included) as chat models.
 """
 
 from ._routing import route_on_input
 from .chat_models import ChatTORouter
+from .fakes import RuleBasedFakeChatModel
 from .manifest import ChatManifestExpert
 from .middleware import TORouterContext, TORouterDecisionModel, TORouterMiddleware
 from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 
-__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterContext", "TORouterDecisionModel",
-           "TORouterMiddleware", "TORouterRunnable", "route_on_input"]
+__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "RuleBasedFakeChatModel", "TORouterContext",
+           "TORouterDecisionModel", "TORouterMiddleware", "TORouterRunnable", "route_on_input"]
