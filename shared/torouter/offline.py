@@ -367,8 +367,11 @@ def _json_type(schema: Mapping[str, Any]) -> str:
 
 
 def _as_kind(value: Any, kind: str) -> Any:
-    if kind in ("integer", "number") and isinstance(value, float) and value.is_integer():
+    """``value`` as the schema's kind: integers whole, numbers float (as a typed tool would receive them)."""
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
         return int(value)
+    if kind == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     if kind == "string" and not isinstance(value, str):
         return str(value)
     return value
