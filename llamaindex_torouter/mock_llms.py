@@ -41,7 +41,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
-from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.llms.llm import LLM, ToolSelection
 
 from torouter.offline import OfflineExpert, ToolSpec, token_pieces
 
@@ -84,13 +84,21 @@ async def _async(chunks: Iterator[Any]) -> AsyncGenerator[Any, None]:
         yield chunk
 
 
-class _RuleBasedMock:
-    """What both faces share: the expert, the call log and the simulated outages (a mixin over pydantic fields)."""
+class _RuleBasedMock(LLM):
+    """What both faces share: the expert, its settings, the call log and the simulated outages."""
 
-    name: str
-    unavailable: bool
-    break_mid_stream: bool
-    _calls: list[str]
+    name: str = Field(default="rule-based", description="Expert name, shown in its answers.")
+    context_window: int = Field(default=4096, gt=0)
+    num_output: int = Field(default=256, gt=0)
+    unavailable: bool = Field(default=False, description="Fail every call before producing output.")
+    break_mid_stream: bool = Field(default=False, description="Fail streams after their first chunk.")
+    _calls: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        chat = isinstance(self, FunctionCallingLLM)
+        return LLMMetadata(context_window=self.context_window, num_output=self.num_output,
+                           is_chat_model=chat, is_function_calling_model=chat, model_name=self.name)
 
     @property
     def expert(self) -> OfflineExpert:
@@ -132,25 +140,36 @@ class _RuleBasedMock:
         for so_far, delta in self._stream_texts(method, self._answer(prompt)):
             yield CompletionResponse(text=so_far, delta=delta)
 
+    # Completion is the same for both faces: the answer to the prompt as a whole.
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        self._begin("complete")
+        return CompletionResponse(text=self._answer(prompt))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return self._completion_stream("stream_complete", prompt)
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        self._begin("acomplete")
+        return CompletionResponse(text=self._answer(prompt))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        return _async(self._completion_stream("astream_complete", prompt))
+
 
 class RuleBasedMockLLM(_RuleBasedMock, CustomLLM):
     """A local completion model; chat is answered from ``messages_to_prompt`` like any CustomLLM's."""
 
     name: str = Field(default="extractive", description="Expert name, shown in its answers.")
-    context_window: int = Field(default=4096, gt=0)
-    num_output: int = Field(default=256, gt=0)
-    unavailable: bool = Field(default=False, description="Fail every call before producing output.")
-    break_mid_stream: bool = Field(default=False, description="Fail streams after their first chunk.")
-    _calls: list[str] = PrivateAttr(default_factory=list)
 
     @classmethod
     def class_name(cls) -> str:
         return "RuleBasedMockLLM"
-
-    @property
-    def metadata(self) -> LLMMetadata:
-        return LLMMetadata(context_window=self.context_window, num_output=self.num_output,
-                           is_chat_model=False, is_function_calling_model=False, model_name=self.name)
 
     def _chat_text(self, messages: Sequence[ChatMessage]) -> str:
         # A ReAct step reads the messages; an answer reads the prompt they make, as a completion model would.
@@ -180,25 +199,6 @@ class RuleBasedMockLLM(_RuleBasedMock, CustomLLM):
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return _async(self._chat_stream("astream_chat", self._chat_text(messages)))
 
-    @llm_completion_callback()
-    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        self._begin("complete")
-        return CompletionResponse(text=self._answer(prompt))
-
-    @llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return self._completion_stream("stream_complete", prompt)
-
-    @llm_completion_callback()
-    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        self._begin("acomplete")
-        return CompletionResponse(text=self._answer(prompt))
-
-    @llm_completion_callback()
-    async def astream_complete(self, prompt: str, formatted: bool = False,
-                               **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _async(self._completion_stream("astream_complete", prompt))
-
 
 class RuleBasedMockFunctionCallingLLM(_RuleBasedMock, FunctionCallingLLM):
     """A local chat model with function calling.
@@ -210,19 +210,10 @@ class RuleBasedMockFunctionCallingLLM(_RuleBasedMock, FunctionCallingLLM):
 
     name: str = Field(default="extractive-tools", description="Expert name, shown in its answers.")
     context_window: int = Field(default=8192, gt=0)
-    num_output: int = Field(default=256, gt=0)
-    unavailable: bool = Field(default=False, description="Fail every call before producing output.")
-    break_mid_stream: bool = Field(default=False, description="Fail streams after their first chunk.")
-    _calls: list[str] = PrivateAttr(default_factory=list)
 
     @classmethod
     def class_name(cls) -> str:
         return "RuleBasedMockFunctionCallingLLM"
-
-    @property
-    def metadata(self) -> LLMMetadata:
-        return LLMMetadata(context_window=self.context_window, num_output=self.num_output,
-                           is_chat_model=True, is_function_calling_model=True, model_name=self.name)
 
     def _reply(self, messages: Sequence[ChatMessage], tools: Sequence[BaseTool] | None,
                tool_required: bool) -> ChatMessage:
@@ -246,11 +237,12 @@ class RuleBasedMockFunctionCallingLLM(_RuleBasedMock, FunctionCallingLLM):
         tool_required: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        messages = list(chat_history or [])
-        if user_msg is not None:
-            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg)
-                            if isinstance(user_msg, str) else user_msg)
-        return {"messages": messages, "tools": tools, "tool_required": tool_required, **kwargs}
+        """The chat arguments for ``tools``: they stay unformatted, the expert reads their schemas."""
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        history = list(chat_history or [])
+        return {"messages": history if user_msg is None else [*history, user_msg], "tools": tools,
+                "tool_required": tool_required, **kwargs}
 
     def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
                                      **kwargs: Any) -> list[ToolSelection]:
@@ -288,25 +280,6 @@ class RuleBasedMockFunctionCallingLLM(_RuleBasedMock, FunctionCallingLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return _async(self._stream("astream_chat", messages, **kwargs))
-
-    @llm_completion_callback()
-    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        self._begin("complete")
-        return CompletionResponse(text=self._answer(prompt))
-
-    @llm_completion_callback()
-    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        self._begin("acomplete")
-        return CompletionResponse(text=self._answer(prompt))
-
-    @llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return self._completion_stream("stream_complete", prompt)
-
-    @llm_completion_callback()
-    async def astream_complete(self, prompt: str, formatted: bool = False,
-                               **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _async(self._completion_stream("astream_complete", prompt))
 
 
 __all__ = ["ExpertUnavailableError", "RuleBasedMockFunctionCallingLLM", "RuleBasedMockLLM"]
