@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from .fakes import RuleBasedFakeChatModel
 
-ChatRuleBased = RuleBasedFakeChatModel
-"""Deprecated alias of :class:`~langchain_torouter.fakes.RuleBasedFakeChatModel`."""
+
+
+class ChatRuleBased(RuleBasedFakeChatModel):
+    """Deprecated name of :class:`~langchain_torouter.fakes.RuleBasedFakeChatModel`.
+
+    A subclass rather than a bare alias so that code written against the old name keeps
+    seeing it where LangChain shows a model's class: run names in callbacks and traces.
+    """
 
 __all__ = ["ChatRuleBased"]

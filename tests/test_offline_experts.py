@@ -148,7 +148,7 @@ def test_langchain_fake_answers_with_the_core(monkeypatch):
     from langchain_torouter import ChatRuleBased, RuleBasedFakeChatModel
     from torouter import offline
 
-    assert ChatRuleBased is RuleBasedFakeChatModel
+    assert issubclass(ChatRuleBased, RuleBasedFakeChatModel)
     model = RuleBasedFakeChatModel(model="local")
     messages = [SystemMessage("Lima is the capital of Peru."), HumanMessage("What is the capital of Peru?")]
     prompt = [{"role": "system", "content": "Lima is the capital of Peru."},
