@@ -168,7 +168,7 @@ def bench_end_to_end(workdir: Path, n_prompts: int, max_new_tokens: int) -> None
     print(f"  torouter prepare: {wall:.1f} s wall (model loading and scoring included)")
     print("   " + out.strip().replace("\n", "\n   "))
     dataset = RoutingDataset.from_jsonl(data)
-    for j, name in enumerate(dataset.experts):
+    for name in dataset.experts:
         rows = [r.responses[name] for r in dataset.records if r.responses.get(name, {}).get("score") is not None]
         if not rows:
             continue

@@ -1,15 +1,14 @@
 """Glue shared by ``ChatTORouter`` and ``TORouterRunnable``: LangChain inputs, callbacks and metadata.
 
-No routing happens here: which text is routed on, the ranking and the fallback order
-come from ``torouter.Controller`` and its fallback helpers. This module only turns
-LangChain inputs into the core's prompt format, builds the callback managers that
+No routing happens here: who may answer, which text is routed on, the ranking and the
+fallback order come from ``torouter.Controller`` and its fallback helpers, and LangChain
+inputs become the core's prompt format in ``messages``. This module builds the callback managers that
 make an expert's call a child run, and shapes the decision into response metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 import os
 from pathlib import Path
@@ -25,12 +24,13 @@ from langchain_core.callbacks import (
     UsageMetadataCallbackHandler,
 )
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, convert_to_messages
-from langchain_core.prompt_values import PromptValue
+from langchain_core.messages import AIMessage
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableLambda
 
 from torouter.policy import METADATA_KEY, Decision
 from torouter.routers import Router
+
+from .messages import as_chunk, messages_to_prompt, to_prompt  # noqa: F401 - moved there; still imported from here
 
 try:  # context variables whose handlers LangChain adds to every run it configures
     from langchain_core.tracers.context import _configure_hooks as _CONFIGURE_HOOKS
@@ -50,43 +50,10 @@ ROUTE_TEXT_KEY = "torouter_route_text"
 ROUTING_OPTIONS = ("expert", "model", "cost_weight", "max_cost")
 """Per-call keyword arguments that steer routing and are never passed to an expert."""
 
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
-
 # Decisions made ahead of time for one request (``batch`` routes a whole batch in one
 # router call) and the parent run of a ``stream`` call; see ``predecided``/``stream_parent``.
 _PREDECIDED: ContextVar[tuple[int, Decision] | None] = ContextVar("torouter_predecided", default=None)
 _STREAM_PARENT: ContextVar[tuple[int, RunnableConfig] | None] = ContextVar("torouter_stream_parent", default=None)
-
-
-def messages_to_prompt(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages as the core's ``[{"role", "content"}]`` prompt (content blocks kept as they are)."""
-    prompt = []
-    for message in messages:
-        if isinstance(message, ChatMessage):
-            role = "system" if message.role == "developer" else message.role
-        else:
-            role = _ROLES.get(message.type, message.type)
-        prompt.append({"role": role, "content": message.content})
-    return prompt
-
-
-def to_prompt(value: Any) -> str | list[dict[str, Any]]:
-    """A LangChain model input (string, prompt value, message or message list) as a core prompt."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, PromptValue):
-        messages = value.to_messages()
-    elif isinstance(value, BaseMessage):
-        messages = [value]
-    elif isinstance(value, Mapping):
-        raise ValueError("cannot route on a dict input; set input_key to the key that holds the text")
-    elif isinstance(value, Sequence):
-        messages = convert_to_messages(value)
-    else:
-        raise TypeError(f"cannot route on a {type(value).__name__}; expected a string, prompt value or messages")
-    if not messages:
-        raise ValueError("got an empty message list: there is nothing to route on")
-    return messages_to_prompt(messages)
 
 
 def outcome(decision: Decision, expert: str, failures: Mapping[str, BaseException], forced: bool) -> dict[str, Any]:
@@ -245,19 +212,6 @@ def model_name(runnable: Runnable, fallback: str) -> str:
     return fallback
 
 
-def as_chunk(item: Any) -> AIMessageChunk:
-    """A streamed item as a message chunk: a chat model that cannot stream yields its whole ``AIMessage``."""
-    if isinstance(item, AIMessageChunk):
-        return item
-    if isinstance(item, AIMessage):
-        calls = [{"name": c["name"], "args": json.dumps(c.get("args") or {}), "id": c.get("id"), "index": i,
-                  "type": "tool_call_chunk"} for i, c in enumerate(item.tool_calls)]
-        return AIMessageChunk(content=item.content, additional_kwargs=item.additional_kwargs,
-                              response_metadata=item.response_metadata, usage_metadata=item.usage_metadata,
-                              id=item.id, tool_call_chunks=calls)
-    raise TypeError(f"the expert's stream yielded a {type(item).__name__}, not a message chunk")
-
-
 def tag_output(output: Any, meta: dict[str, Any]) -> Any:
     """Attach routing metadata to a message output (or the ``raw`` message of ``include_raw``)."""
     if isinstance(output, AIMessage):
@@ -286,18 +240,6 @@ def forced_expert(kwargs: dict[str, Any]) -> str | None:
 def split_options(kwargs: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
     """Pop the per-call routing options (``ROUTING_OPTIONS``) from ``kwargs``: forced expert, cost_weight, max_cost."""
     return forced_expert(kwargs), kwargs.pop("cost_weight", None), kwargs.pop("max_cost", None)
-
-
-def candidates(forced: str | None, experts: Sequence[str], usable: Sequence[str] | None,
-               skipped: Mapping[str, str]) -> list[str] | None:
-    """Experts a request may go to (None: all), checking a forced ``model=`` name."""
-    if forced is None:
-        return None if usable is None else list(usable)
-    if forced not in experts:
-        raise ValueError(f"expert={forced!r} is not one of the experts {sorted(experts)}")
-    if usable is not None and forced not in usable:
-        raise ValueError(f"expert {forced!r} cannot take this request: {skipped.get(forced, 'not usable')}")
-    return [forced]
 
 
 def run_batch(invoke: Callable[[int], Any], return_exceptions: bool) -> Callable[[int], Any]:

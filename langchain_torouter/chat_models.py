@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -24,23 +23,17 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import (
     ensure_config,
-    get_config_list,
-    get_executor_for_config,
 )
-from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torouter.controller import (
-    Controller,
     acall_with_fallbacks,
     astream_with_fallbacks,
     call_with_fallbacks,
     stream_with_fallbacks,
 )
 from torouter.policy import Decision
-from torouter.routers import Router
-from torouter.routing_text import RouteOnMode
 
 from ._routing import (
     METADATA_KEY,
@@ -51,8 +44,6 @@ from ._routing import (
     as_chunk,
     attempt_config,
     build_experts,
-    candidates,
-    check_router,
     child_callbacks,
     forced_expert,
     hide_relays,
@@ -60,14 +51,11 @@ from ._routing import (
     messages_to_prompt,
     model_name,
     outcome,
-    predecided,
     relays_hidden,
-    run_batch,
-    split_options,
     stream_parent,
-    take_predecided,
     take_stream_parent,
 )
+from .base import BaseTORouter
 from .runnables import TORouterRunnable
 
 try:  # run ids are time-ordered UUIDs in recent langchain-core; any UUID works
@@ -78,7 +66,7 @@ except ImportError:  # pragma: no cover - older langchain-core 1.x
 _DONE = object()
 
 
-class ChatTORouter(BaseChatModel):
+class ChatTORouter(BaseTORouter, BaseChatModel):
     """Chat model that sends each request to the expert chat model a trained TO-Router picks.
 
     The router reads the conversation, predicts every expert's quality and the expert
@@ -150,33 +138,8 @@ class ChatTORouter(BaseChatModel):
     experts: dict[str, BaseChatModel]
     """Expert chat models by name; the names must be exactly the router's experts."""
 
-    router: Router | str | Path = Field(exclude=True)
-    """A fitted ``torouter`` router, or the directory it was saved to."""
-
-    cost_weight: float = Field(default=0.0, ge=0.0)
-    """Price of one unit of cost in quality units: 0 picks the best expert regardless of cost."""
-
-    max_cost: float | None = Field(default=None, ge=0.0)
-    """Skip experts whose expected cost per query is above this (the cheapest is kept if none fit)."""
-
-    route_on: RouteOnMode | Callable[[Any], str] = "last_user"
-    """Text the router reads: the latest user turn (default), the last few user turns, the system
-    prompt and every user turn, or a callable of the core prompt; see ``torouter.routing_text``."""
-
-    default_expert: str | None = None
-    """Expert ranked first when a request has no text to route on (e.g. image-only)."""
-
-    sticky: bool = True
-    """Reuse the router's prediction for text it has already read (one router pass per agent turn)."""
-
     model_name: str = "torouter"
     """Name reported to tracing as the model; the expert's own name is in ``response_metadata``."""
-
-    prices: dict[str, float] | None = None
-    """Expected cost per query by expert, overriding the costs the router was trained with."""
-
-    fallbacks: bool = True
-    """Let the next expert in the ranking answer when the chosen one fails before any output."""
 
     stop: list[str] | None = None
     """Default stop sequences passed to the answering expert."""
@@ -193,9 +156,6 @@ class ChatTORouter(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True,
                               validate_assignment=True)
 
-    _controller: Controller | None = PrivateAttr(default=None)
-    _controller_key: tuple | None = PrivateAttr(default=None)
-    _forced_model: str | None = PrivateAttr(default=None)
     _model_names: dict[str, str] = PrivateAttr(default_factory=dict)
     _bound: dict[str, Runnable] | None = PrivateAttr(default=None)
     _skipped: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -205,11 +165,6 @@ class ChatTORouter(BaseChatModel):
     @classmethod
     def _check_experts(cls, experts: Any) -> Any:
         return build_experts(experts)
-
-    @field_validator("router", mode="before")
-    @classmethod
-    def _check_router(cls, router: Any) -> Any:
-        return check_router(router)
 
     @model_validator(mode="after")
     def _build_controller(self) -> ChatTORouter:
@@ -223,22 +178,6 @@ class ChatTORouter(BaseChatModel):
         return self
 
     # --- LangChain model identity -----------------------------------------------------
-    @property
-    def controller(self) -> Controller:
-        """The core controller that makes every decision (router, costs, ``route_on``).
-
-        Rebuilt when a setting it holds changed, so assignment and ``model_copy(update=...)``
-        take effect; ``cost_weight`` and ``max_cost`` are read from this model at every call.
-        """
-        key = (id(self.router), self.router if isinstance(self.router, (str, Path)) else None,
-               tuple(sorted((self.prices or {}).items())), self.route_on, self.default_expert, self.sticky)
-        if self._controller is None or self._controller_key != key:
-            self._controller = Controller(self.router, self.cost_weight, self.max_cost, self.route_on, self.prices,
-                                          default_expert=self.default_expert,
-                                          cache_size=1024 if self.sticky else 0)
-            self._controller_key = key
-        return self._controller
-
     @classmethod
     def is_lc_serializable(cls) -> bool:
         return False
@@ -277,62 +216,25 @@ class ChatTORouter(BaseChatModel):
             params["ls_stop"] = stop or self.stop
         return params
 
-    # --- routing ------------------------------------------------------------------------
-    def route(self, input: LanguageModelInput, *, expert: str | None = None, cost_weight: float | None = None,
-              max_cost: float | None = None, model: str | None = None) -> Decision:
-        """Which expert would answer ``input``, and the fallback order, without calling any expert."""
-        forced = forced_expert({"expert": expert, "model": model})
-        return self.controller.decide(self._prompt(self._convert_input(input).to_messages()),
-                                      **self._options(forced, cost_weight, max_cost))
+    # --- routing (the rest is in BaseTORouter) -----------------------------------------
+    def _expert_names(self) -> list[str]:
+        return list(self.experts)
 
-    async def aroute(self, input: LanguageModelInput, *, expert: str | None = None,
-                     cost_weight: float | None = None, max_cost: float | None = None,
-                     model: str | None = None) -> Decision:
-        """``route`` with router inference in a worker thread, off the event loop."""
-        forced = forced_expert({"expert": expert, "model": model})
-        return await self.controller.adecide(self._prompt(self._convert_input(input).to_messages()),
-                                             **self._options(forced, cost_weight, max_cost))
+    def _unable(self) -> dict[str, str]:
+        """Experts that could not take the tools bound by ``bind_tools``, and why."""
+        if self._bound is None:
+            return {}
+        return {name: self._skipped.get(name, "could not take the bound tools")
+                for name in self.experts if name not in self._bound}
 
-    def eligible(self, expert: str | None = None) -> list[str] | None:
-        """Experts a request may go to (None: all): the forced ``expert``, else those that took the bound tools."""
-        usable = None if self._bound is None else list(self._bound)
-        return candidates(expert, list(self.experts), usable, self._skipped)
-
-    def _options(self, forced: str | None, cost_weight: float | None, max_cost: float | None) -> dict[str, Any]:
-        """``Controller.decide`` keyword arguments: who may answer and this model's current trade-off."""
-        return {"allowed": self.eligible(forced),
-                "cost_weight": self.cost_weight if cost_weight is None else cost_weight,
-                "max_cost": self.max_cost if max_cost is None else max_cost}
-
-    @staticmethod
-    def _prompt(messages: Sequence[BaseMessage], metadata: Mapping[str, Any] | None = None) -> Any:
+    def _routing_prompt(self, input: Any, metadata: Mapping[str, Any] | None = None) -> Any:
+        messages = input if isinstance(input, list) and all(isinstance(m, BaseMessage) for m in input) \
+            else self._convert_input(input).to_messages()
         if not messages:
             raise ValueError("ChatTORouter got an empty message list: there is nothing to route on")
         if metadata and isinstance(metadata.get(ROUTE_TEXT_KEY), str):
             return metadata[ROUTE_TEXT_KEY]  # the question, named by ``route_on_input``
         return messages_to_prompt(messages)
-
-    def _request(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any],
-                 metadata: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any], bool]:
-        forced, cost_weight, max_cost = split_options(kwargs)
-        forced = forced or self._forced_model
-        return self._prompt(messages, metadata), self._options(forced, cost_weight, max_cost), forced is not None
-
-    def _decide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any],
-                metadata: Mapping[str, Any] | None = None) -> tuple[Decision, bool]:
-        prompt, options, forced = self._request(messages, kwargs, metadata)
-        decision = take_predecided(self)
-        if decision is None:
-            decision = self.controller.decide(prompt, **options)
-        return decision, forced
-
-    async def _adecide(self, messages: Sequence[BaseMessage], kwargs: dict[str, Any],
-                       metadata: Mapping[str, Any] | None = None) -> tuple[Decision, bool]:
-        prompt, options, forced = self._request(messages, kwargs, metadata)
-        decision = take_predecided(self)
-        if decision is None:
-            decision = await self.controller.adecide(prompt, **options)
-        return decision, forced
 
     def _runnable(self, name: str) -> Runnable:
         return self._bound[name] if self._bound is not None else self.experts[name]
@@ -511,81 +413,6 @@ class ChatTORouter(BaseChatModel):
         async for chunk in chunks:
             yield chunk
 
-    # --- batch: one router call for the whole batch -------------------------------------
-    def _batch_request(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> dict | None:
-        """Arguments of one ``decide_many`` call for a batch, or None if an input cannot be routed."""
-        forced, cost_weight, max_cost = split_options(dict(kwargs))
-        try:
-            prompts = [self._prompt(self._convert_input(x).to_messages()) for x in inputs]
-            options = self._options(forced or self._forced_model, cost_weight, max_cost)
-        except (ValueError, TypeError):
-            return None  # a bad input: each request routes (and fails) inside its own run
-        return {"prompts": prompts, **options}
-
-    def _decide_batch(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> list | None:
-        request = self._batch_request(inputs, kwargs)
-        try:
-            return None if request is None else self.controller.decide_many(**request)
-        except ValueError:
-            return None  # e.g. a prompt with no text to route on: it fails inside its own run
-
-    async def _adecide_batch(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> list | None:
-        request = self._batch_request(inputs, kwargs)
-        try:
-            return None if request is None else await self.controller.adecide_many(**request)
-        except ValueError:
-            return None
-
-    def batch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[AIMessage]:
-        """Route the whole batch with one router call, then call the chosen experts in parallel."""
-        if not inputs:
-            return []
-        configs = get_config_list(config, len(inputs))
-        decisions = self._decide_batch(inputs, kwargs)
-
-        def invoke(i: int) -> AIMessage:
-            with predecided(self, decisions[i] if decisions else None):
-                return self.invoke(inputs[i], configs[i], **kwargs)
-
-        one = run_batch(invoke, return_exceptions)
-        if len(inputs) == 1:
-            return [one(0)]
-        with get_executor_for_config(configs[0]) as executor:
-            return list(executor.map(one, range(len(inputs))))
-
-    async def abatch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[AIMessage]:
-        """``batch`` with router inference in a worker thread and the experts called concurrently."""
-        if not inputs:
-            return []
-        configs = get_config_list(config, len(inputs))
-        decisions = await self._adecide_batch(inputs, kwargs)
-
-        async def ainvoke(i: int) -> AIMessage:
-            with predecided(self, decisions[i] if decisions else None):
-                if not return_exceptions:
-                    return await self.ainvoke(inputs[i], configs[i], **kwargs)
-                try:
-                    return await self.ainvoke(inputs[i], configs[i], **kwargs)
-                except Exception as exc:  # noqa: BLE001 - returned to the caller, as Runnable.abatch does
-                    return exc
-
-        return await gather_with_concurrency(configs[0].get("max_concurrency"),
-                                             *(ainvoke(i) for i in range(len(inputs))))
-
     # --- run-time routing options ----------------------------------------------------------
     def with_routing(self, *, expert: str | None = None, cost_weight: float | None = None,
                      max_cost: float | None = None, model: str | None = None) -> ChatTORouter:
@@ -601,7 +428,7 @@ class ChatTORouter(BaseChatModel):
             update["max_cost"] = max_cost
         routed = self.model_copy(update=update)
         if model is not None:
-            candidates(model, list(self.experts), None, {})  # an unknown name fails here, not at the call
+            self.controller.eligible(model)  # an unknown name fails here, not at the call
             routed._forced_model = model
         return routed
 

@@ -210,9 +210,8 @@ class TORouterMiddleware(AgentMiddleware[TORouterState, Any]):
     def _plan(self, request: ModelRequest) -> _Plan:
         """What this call may use: eligible experts, the run's options, and the decision to reuse."""
         cost_weight, max_cost = self._run_options(request)
-        eligible, skipped = self.eligible_experts(request)
-        if not eligible:
-            raise ValueError(f"no expert can take this model call: {skipped}")
+        _, unable = self.eligible_experts(request)
+        eligible = self._controller.eligible(unable=unable) or list(self._controller.experts)
         messages: list[BaseMessage] = list(request.messages)
         if request.system_message is not None:
             messages.insert(0, request.system_message)
@@ -238,19 +237,17 @@ class TORouterMiddleware(AgentMiddleware[TORouterState, Any]):
         return cost_weight, max_cost
 
     def eligible_experts(self, request: ModelRequest) -> tuple[list[str], dict[str, str]]:
-        """Experts that can take ``request``'s tools and response format, and why the others cannot."""
+        """Experts that can take ``request``'s tools and response format, and why the others cannot
+        (the core's ``Controller.eligible`` makes the decision from the reasons)."""
         tools = list(request.tools or [])
         fmt = request.response_format
-        if not tools and fmt is None:
-            return list(self.experts), {}
-        eligible, skipped = [], {}
-        for name, expert in self.experts.items():
-            reason = _cannot_take(expert, tools, fmt, request.tool_choice)
-            if reason is None:
-                eligible.append(name)
-            else:
-                skipped[name] = reason
-        return eligible, skipped
+        unable: dict[str, str] = {}
+        if tools or fmt is not None:
+            for name, expert in self.experts.items():
+                reason = _cannot_take(expert, tools, fmt, request.tool_choice)
+                if reason is not None:
+                    unable[name] = reason
+        return [name for name in self._controller.experts if name not in unable], unable
 
     def _answer(self, plan: _Plan, name: str, response: ModelResponse,
                 failures: Mapping[str, BaseException]) -> ExtendedModelResponse:

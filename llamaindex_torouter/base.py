@@ -499,7 +499,7 @@ class TORouterLLM(FunctionCallingLLM):
         if allowed is not None:
             options["allowed"] = [allowed] if isinstance(allowed, str) else list(allowed)
         merged = {**_scoped().get(id(self), {}), **options}
-        self._candidates(False, merged.get("expert"), merged.get("allowed"))
+        self._controller.eligible(merged.get("expert"), merged.get("allowed"), self._unable(False))
         check_cost_options(merged.get("cost_weight", self.cost_weight), merged.get("max_cost", self.max_cost))
         token = _SCOPED_OPTIONS.set({**_scoped(), id(self): merged})
         try:
@@ -507,31 +507,21 @@ class TORouterLLM(FunctionCallingLLM):
         finally:
             _SCOPED_OPTIONS.reset(token)
 
-    def _candidates(self, tools: bool, expert: str | None, allowed: Iterable[str] | None) -> list[str] | None:
-        """Experts this request may go to, or None for all of them."""
-        names = self._in_play()
-        if allowed is not None:
-            allowed = set([allowed] if isinstance(allowed, str) else allowed)
-            unknown = allowed - set(self._experts)
-            if unknown:
-                raise ValueError(f"allowed names unknown experts {sorted(unknown)}; "
-                                 f"experts are {sorted(self._experts)}")
-            names = [n for n in names if n in allowed]
-        if expert is not None:
-            if expert not in self._experts:
-                raise ValueError(f"unknown expert {expert!r}; experts are {sorted(self._experts)}")
-            if expert not in names:
-                raise ValueError(f"expert {expert!r} is not allowed for this request (allowed: {names})")
-            names = [expert]
+    def _unable(self, tools: bool) -> dict[str, str]:
+        """Experts that cannot take this request, and why: outside ``allowed``, or unable to call tools.
+
+        The core's ``Controller.eligible`` decides from these (with a call's ``expert`` and
+        ``allowed``) who may answer, and says why when nobody may.
+        """
+        unable = {}
+        if self.allowed is not None:
+            unable = {n: f"not among this LLM's allowed experts {self.allowed}"
+                      for n in self._controller.experts if n not in self.allowed}
         if tools:
-            capable = [n for n in names if supports_tools(self._experts[n])]
-            if not capable:
-                which = f"expert {expert!r} does" if expert is not None else f"none of the experts {names} do"
-                raise ValueError(f"tool calling needs a FunctionCallingLLM expert, and {which} not support it")
-            names = capable
-        if not names:
-            raise ValueError("no expert is allowed for this request")
-        return names if len(names) < len(self._experts) else None
+            for name in self._controller.experts:
+                if name not in unable and not supports_tools(self._experts[name]):
+                    unable[name] = "tool calling needs a FunctionCallingLLM expert, and it is not one"
+        return unable
 
     def _prompt(self, prompt: str | Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
         if isinstance(prompt, str):
@@ -552,8 +542,8 @@ class TORouterLLM(FunctionCallingLLM):
               allowed: Iterable[str] | None = None, cost_weight: float | None = None,
               max_cost: float | None = None) -> Decision:
         """Decide which expert would answer ``prompt`` (and in which order the others would follow)."""
-        candidates = self._candidates(tools, expert, allowed)
-        decision = self._controller.decide(self._prompt(prompt), allowed=candidates,
+        decision = self._controller.decide(self._prompt(prompt), allowed, expert=expert,
+                                           unable=self._unable(tools),
                                            cost_weight=cost_weight, max_cost=max_cost)
         self._emit_decision(decision, expert is not None, tools)
         return decision
@@ -563,8 +553,8 @@ class TORouterLLM(FunctionCallingLLM):
                      allowed: Iterable[str] | None = None, cost_weight: float | None = None,
                      max_cost: float | None = None) -> Decision:
         """``route`` with router inference in a worker thread, off the event loop."""
-        candidates = self._candidates(tools, expert, allowed)
-        decision = await self._controller.adecide(self._prompt(prompt), allowed=candidates,
+        decision = await self._controller.adecide(self._prompt(prompt), allowed, expert=expert,
+                                                  unable=self._unable(tools),
                                                   cost_weight=cost_weight, max_cost=max_cost)
         self._emit_decision(decision, expert is not None, tools)
         return decision

@@ -16,6 +16,7 @@ from torouter.controller import (
     stream_with_fallbacks,
 )
 from torouter.data import Record, RoutingDataset
+from torouter.errors import IneligibleRequest, RoutingError
 from torouter.routers import NotFittedError, make_router
 from torouter.routers.base import Router
 
@@ -102,6 +103,52 @@ def test_decide_honours_allowed(router):
         controller.decide("hello", allowed=["gpt-5"])
     with pytest.raises(ValueError, match="no expert is allowed"):
         controller.decide("hello", allowed=[])
+
+
+def test_eligible_decides_who_may_answer(router):
+    controller = Controller(router)
+    assert controller.eligible() is None  # everyone
+    assert controller.eligible(allowed=["big", "cheap"]) == ["cheap", "big"]  # in the router's order
+    assert controller.eligible("coder") == ["coder"]
+    assert controller.eligible(unable={"big": "cannot call tools"}) == ["cheap", "coder"]
+    assert controller.eligible(allowed=["coder", "big"], unable={"big": "no tools"}) == ["coder"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"expert": "gpt-5"}, "unknown expert 'gpt-5': expert='gpt-5' is not one of the experts"),
+    ({"expert": "big", "allowed": ["cheap"]}, r"expert 'big' is not allowed for this request \(allowed: \['cheap'\]\)"),
+    ({"expert": "big", "unable": {"big": "its profile rules out tools"}},
+     "expert 'big' cannot take this request: its profile rules out tools"),
+    ({"unable": {e: "no tools" for e in EXPERTS}}, "no expert can take this request: .*'cheap': 'no tools'"),
+    ({"allowed": ["cheap"], "unable": {"cheap": "no tools"}}, "no expert can take this request"),
+    ({"allowed": []}, "no expert is allowed for this request"),
+    ({"allowed": ["gpt-5"]}, r"unknown experts \['gpt-5'\] in allowed"),
+    ({"unable": {"gpt-5": "x"}}, r"unknown experts \['gpt-5'\] marked unable"),
+    ({"expert": 3}, "expert must be an expert name, got int"),
+])
+def test_ineligible_requests_say_why(router, kwargs, message):
+    controller = Controller(router)
+    with pytest.raises(IneligibleRequest, match=message) as caught:
+        controller.eligible(**kwargs)
+    assert isinstance(caught.value, RoutingError) and isinstance(caught.value, ValueError)
+    with pytest.raises(IneligibleRequest, match=message):  # decide applies the same rules
+        controller.decide("hello", **kwargs)
+    assert controller.router_calls == 0  # refused before any router inference
+
+
+def test_decide_forces_and_filters_through_eligible(router):
+    controller = Controller(router)
+    assert controller.decide("write code", expert="cheap").ranking == ["cheap"]
+    assert controller.decide("write code", unable={"coder": "busy"}).ranking == ["big", "cheap"]
+    decisions = controller.decide_many(["a", "write code"], allowed=["coder", "cheap"])
+    assert [d.expert for d in decisions] == ["cheap", "coder"]
+    assert asyncio.run(controller.adecide("x", expert="big")).ranking == ["big"]
+
+
+def test_routing_errors_are_one_family():
+    failed = AllExpertsFailed({"big": TimeoutError("slow")})
+    assert isinstance(failed, RoutingError) and isinstance(failed, RuntimeError)
+    assert issubclass(IneligibleRequest, RoutingError)
 
 
 def test_prices_override_training_costs(router):
@@ -420,3 +467,18 @@ def test_astream_with_fallbacks():
     assert list(out[0][2]) == ["a"]
     with pytest.raises(ConnectionError, match="refused"):
         asyncio.run(collect(fallbacks=False))
+
+
+def test_cached_decisions_follow_the_settings_and_are_private_copies(router):
+    controller = Controller(router)
+    first = controller.decide("hello", cost_weight=0.0)
+    assert first.expert == "big"
+    calls = router.calls_
+    assert controller.decide("hello", cost_weight=0.2).expert == "cheap"  # other settings: not the cached one
+    assert controller.decide("hello", allowed=["coder", "cheap"]).ranking == ["cheap", "coder"]
+    assert router.calls_ == calls  # ... though the prediction itself came from the cache
+    first.ranking.append("mutated")
+    first.scores["big"] = -1.0
+    again = controller.decide("hello", cost_weight=0.0)
+    assert again.ranking == ["big", "cheap", "coder"] and again.scores["big"] == 0.8
+    assert controller.cache_hits >= 3

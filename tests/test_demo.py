@@ -9,7 +9,7 @@ from rich.console import Console
 
 from langchain_torouter import ChatManifestExpert, ChatTORouter
 from torouter.data import Record, RoutingDataset
-from torouter.demo import _router, answer_with_chain
+from torouter_apps.demo import _router, answer_with_chain
 from torouter.prepare.experts import parse_manifest
 
 EXPERTS_MODULE = textwrap.dedent('''

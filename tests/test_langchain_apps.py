@@ -139,7 +139,7 @@ def test_create_agent_model_settings_set_cost_weight_and_never_reach_experts(rou
     llm = ChatTORouter(experts=tool_experts(), router=router, cost_weight=50.0)
     for weight, expected in ((0.0, "cloud-large"), (50.0, "med-7b")):
         @wrap_model_call
-        def trade_off(request, handler):
+        def trade_off(request, handler, weight=weight):
             return handler(request.override(model_settings={"cost_weight": weight}))
 
         for agent in (create_agent(llm.bind(cost_weight=weight), tools=tools),

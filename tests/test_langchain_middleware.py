@@ -198,7 +198,7 @@ def test_experts_whose_bind_tools_fails_are_skipped_with_the_reason(router):
     assert skipped["code-7b"] == "ChatDown does not implement tool calling"
     assert skipped["med-7b"].startswith("ValueError: tool_choice 'no_such_tool' is not one of the bound tools")
     only_down = middleware(router, experts={n: ChatDown(label=n) for n in EXPERT_NAMES})
-    with pytest.raises(ValueError, match="no expert can take this model call: .*does not implement tool calling"):
+    with pytest.raises(ValueError, match="no expert can take this request: .*does not implement tool calling"):
         agent_with(only_down).invoke(ask(CODE))
 
 

@@ -375,7 +375,7 @@ def test_tool_calls_need_a_tool_capable_expert(experts, router, llm):
     no_tools = TORouterLLM(experts, router, allowed=["edge-small", "med-7b"])
     with pytest.raises(ValueError, match="FunctionCallingLLM expert"):
         no_tools.chat_with_tools([MULTIPLY], user_msg="What is 6 multiplied by 7?")
-    with pytest.raises(ValueError, match="expert 'med-7b' does not support"):
+    with pytest.raises(ValueError, match="expert 'med-7b' cannot take this request: tool calling needs a FunctionCallingLLM"):
         llm.chat_with_tools([MULTIPLY], user_msg="What is 6 multiplied by 7?", expert="med-7b")
 
 

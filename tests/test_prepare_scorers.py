@@ -142,7 +142,7 @@ def test_scorer_config_errors():
     with pytest.raises(ScoreError, match="unknown metric"):
         ScorerConfig("bleu")
     with pytest.raises(ScoreError, match="choose one with --layer"):
-        ScorerConfig("bertscore", model="/some/local/model").signature
+        _ = ScorerConfig("bertscore", model="/some/local/model").signature
     assert ScorerConfig("bertscore", model="roberta-large").signature.endswith(":L17")
     with pytest.raises(ValueError, match="2 answers but 1 references"):
         make_scorer("exact").score(["a", "b"], ["a"])

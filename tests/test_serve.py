@@ -34,7 +34,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from langchain_torouter import ChatRuleBased, ChatTORouter  # noqa: E402
 from torouter.cli import app as cli_app  # noqa: E402
-from torouter.serve import ConfigError, Limits, ServeConfig, build_chat_model, create_app, load_config  # noqa: E402
+from torouter_apps.serve import ConfigError, Limits, ServeConfig, build_chat_model, create_app, load_config  # noqa: E402
 from torouter.synthetic import EXPERTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -809,7 +809,7 @@ def test_manifest_experts_are_served(tmp_path, monkeypatch):
 
     from torouter.data import Record, RoutingDataset
     from torouter.routers import make_router
-    from torouter.serve import create_app, load_config
+    from torouter_apps.serve import create_app, load_config
 
     (tmp_path / "serve_manifest_experts.py").write_text(
         "def arithmetic(prompt):\n    return {'text': '8', 'input_tokens': 5, 'output_tokens': 1}\n"
@@ -835,7 +835,7 @@ def test_manifest_experts_are_served(tmp_path, monkeypatch):
 
 
 def test_config_needs_experts_or_manifest(tmp_path):
-    from torouter.serve import ConfigError, load_config
+    from torouter_apps.serve import ConfigError, load_config
 
     (tmp_path / "router.yaml").write_text("router: router\n")
     with pytest.raises(ConfigError, match="experts: .* or manifest:"):

@@ -28,7 +28,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_standard.support import trained_router  # noqa: E402
 
 from langchain_torouter import ChatRuleBased, ChatTORouter  # noqa: E402
-from torouter.serve import ConfigError, Limits, ServeConfig, Timeouts, create_app, server_config  # noqa: E402
+from torouter_apps.serve import ConfigError, Limits, ServeConfig, Timeouts, create_app, server_config  # noqa: E402
 from torouter.synthetic import EXPERTS  # noqa: E402
 
 EXPERT_NAMES = list(EXPERTS)
@@ -654,7 +654,7 @@ from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_standard.support import trained_router
 from langchain_torouter import ChatRuleBased, ChatTORouter
-from torouter.serve import Timeouts, create_app, run_server
+from torouter_apps.serve import Timeouts, create_app, run_server
 
 class Hung(BaseChatModel):
     @property

@@ -5,7 +5,8 @@ soft labels ``softmax(T * score)`` read only the prompt and predict every expert
 quality; a cost-aware policy picks the expert at routing time.
 """
 
-from .controller import AllExpertsFailed, Controller
+from .controller import Controller
+from .errors import AllExpertsFailed, IneligibleRequest, RoutingError
 from .data import DataError, Record, RoutingDataset, iter_jsonl, prompt_text, write_jsonl
 from .encoders import DEFAULT_ENCODER, Encoder
 from .labels import DEFAULT_TEMPERATURE, soft_labels
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllExpertsFailed", "Controller", "DataError", "Decision", "DEFAULT_ENCODER", "DEFAULT_TEMPERATURE",
+    "IneligibleRequest", "RoutingError",
     "Encoder", "Record", "ROUTE_ON", "ROUTERS", "Router", "RouterFileError", "RoutingDataset", "choose",
     "iter_jsonl", "load_router", "make_router", "prompt_text", "rank", "routing_text", "soft_labels", "write_jsonl",
 ]

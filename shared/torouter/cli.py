@@ -1,13 +1,20 @@
-"""The ``torouter`` command line: train, route, evaluate and import routing data."""
+"""The ``torouter`` command line: train, route, evaluate, prepare and import routing data.
+
+Commands built on the adapters (``serve``, ``demo``) come from installed packages as
+``torouter.commands`` plugins, so the core never imports them.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.main
+import typer.models
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train and evaluate TO-Router style LLM routers.")
@@ -185,17 +192,6 @@ def edge(
         typer.echo(f"report: {json_out}")
 
 
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Folder for the data, routers, reports and plots."),
-    bert_epochs: int = typer.Option(6, min=1, help="Fine-tuning epochs of the BERT router."),
-):
-    """The whole pipeline offline: local experts answer, BERTScore, MLP and BERT routers, eval, a chain."""
-    from .demo import run_demo
-
-    run_demo(out, bert_epochs=bert_epochs)
-
-
 @import_app.command("routerbench")
 def import_routerbench(
     files: list[Path] = typer.Argument(..., help="RouterBench CSV files (or its pickle, with --allow-pickle)."),
@@ -332,29 +328,69 @@ def score(
         typer.echo(f"{summary.unscored} answers could not be scored (score null)")
 
 
-@app.command()
-def serve(
-    config: Path = typer.Option(..., help="Server config (YAML): router, experts, costs, auth and limits."),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (127.0.0.1: this machine only)."),
-    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
-    log_level: str = typer.Option("info", help="critical, error, warning, info or debug."),
-    graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get to finish "
-                                                                 "on shutdown (SIGINT/SIGTERM)."),
-):
-    """Serve the router as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/models)."""
-    try:
-        import uvicorn  # noqa: F401 - checked here so a missing extra fails before any work
+COMMAND_PLUGINS = "torouter.commands"
+"""Entry-point group of commands other packages add to ``torouter`` (``torouter_apps`` adds serve and demo)."""
 
-        from .serve import ConfigError, create_app, run_server
-    except ImportError as exc:
-        _fail(f"torouter serve needs FastAPI and uvicorn: pip install 'torouter[serve]' ({exc})")
-    if log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
-        _fail(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
-    try:
-        server_app = create_app(config)  # builds every expert and loads the router before listening
-    except ConfigError as exc:
-        _fail(str(exc))
-    run_server(server_app, host, port, log_level=log_level.lower(), timeout_graceful_shutdown=graceful_timeout)
+
+def _command_name(command: typer.models.CommandInfo) -> str:
+    return command.name or typer.main.get_command_name(command.callback.__name__)
+
+
+def _unavailable(plugin: EntryPoint, exc: BaseException) -> Callable[..., None]:
+    """A stand-in for a plugin's command that failed to load: it says why, whatever it is given."""
+    message = (f"the {plugin.name!r} command could not be loaded from {plugin.value} "
+               f"({type(exc).__name__}: {exc}); reinstall the package that provides it "
+               "(in a checkout: pip install -e .)")
+
+    def unavailable(ctx: typer.Context) -> None:
+        _fail(message)
+
+    return unavailable
+
+
+def add_plugin_commands(target: typer.Typer, plugins: Optional[Iterable[EntryPoint]] = None) -> list[str]:
+    """Add the commands of installed ``torouter.commands`` plugins to ``target``; returns their names.
+
+    Each entry point names a function that takes a Typer app and adds commands to it
+    (``plugins`` defaults to the installed ones). Commands come in plugin-name order,
+    after the core's. A plugin that fails to import or to register leaves, under its
+    entry-point name, a command that reports the failure and how to fix it, so every
+    other command still works; a command whose name is already taken (a core command,
+    or an earlier plugin's) is not added, and a warning says so.
+    """
+    if plugins is None:
+        plugins = entry_points(group=COMMAND_PLUGINS)
+    taken = {_command_name(command) for command in target.registered_commands}
+    taken |= {group.name for group in target.registered_groups}
+    added: list[str] = []
+    seen: set[str] = set()
+    for plugin in sorted(plugins, key=lambda p: p.name):
+        if plugin.name in seen:  # the same distribution found twice on the path
+            continue
+        seen.add(plugin.name)
+        scratch = typer.Typer()
+        try:
+            plugin.load()(scratch)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the core commands down
+            if plugin.name not in taken:
+                target.command(plugin.name, help=f"Unavailable: its plugin {plugin.value} failed to load.",
+                               context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                               add_help_option=False)(_unavailable(plugin, exc))
+                taken.add(plugin.name)
+            continue
+        for command in scratch.registered_commands:
+            name = _command_name(command)
+            if name in taken:
+                typer.secho(f"warning: plugin {plugin.value} adds a command {name!r} that already exists; "
+                            "ignored", fg=typer.colors.YELLOW, err=True)
+                continue
+            target.registered_commands.append(command)
+            taken.add(name)
+            added.append(name)
+    return added
+
+
+add_plugin_commands(app)
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
 """A thin controller over a trained router: one conversation in, a decision and fallbacks out.
 
 This is all the routing logic the framework adapters (LangChain, LlamaIndex, the
-HTTP endpoint) need: which text to route on, the cost-aware ranking, and trying
-the next expert in that ranking when the chosen one fails before producing output.
+HTTP endpoint) need: who may answer a request (``eligible``), which text to route
+on, the cost-aware ranking, and trying the next expert in that ranking when the
+chosen one fails before producing output. Adapters only translate their framework's
+request into a core prompt plus these options, and the decision back.
 """
 
 from __future__ import annotations
@@ -11,26 +13,22 @@ import asyncio
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
 from .data import Prompt
+from .errors import AllExpertsFailed, IneligibleRequest, RoutingError
 from .policy import Decision, rank
 from .routers import Router, load_router
 from .routing_text import MAX_CHARS, ROUTE_ON, RouteOn, routing_text
 
 T = TypeVar("T")
 
-
-class AllExpertsFailed(RuntimeError):
-    """Every expert tried for a request failed; ``failures`` maps each to its exception."""
-
-    def __init__(self, failures: dict[str, BaseException]):
-        self.failures = failures
-        detail = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures.items())
-        super().__init__(f"all {len(failures)} experts failed: {detail}")
+__all__ = ["AllExpertsFailed", "Controller", "IneligibleRequest", "RoutingError", "acall_with_fallbacks",
+           "astream_with_fallbacks", "call_with_fallbacks", "check_cost_options", "stream_with_fallbacks"]
 
 
 class Controller:
@@ -46,9 +44,11 @@ class Controller:
     When a request has no text to route on (an image-only or empty request), the router
     ranks the experts for the empty text and ``default_expert``, if set, goes first.
 
-    Predictions are cached by routed text (``cache_size`` entries, least recently used
-    dropped; 0 turns the cache off): an agent's model calls within one user turn route on
-    the same question, so after the first call each decision costs no encoder pass.
+    Predictions are cached by routed text, and decisions by routed text plus the
+    settings that shape them (cost weight, budget, eligible experts), ``cache_size``
+    entries each, least recently used dropped; 0 turns caching off. An agent's model
+    calls within one user turn, and retries, route on the same question, so after the
+    first call a decision costs a dictionary look-up instead of an encoder pass.
     ``router_calls`` and ``cache_hits`` count both.
     """
 
@@ -76,6 +76,7 @@ class Controller:
         self.router_calls = 0
         self.cache_hits = 0
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._decisions: OrderedDict[tuple, Decision] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -124,51 +125,114 @@ class Controller:
                         self._cache.move_to_end(text)
                         while len(self._cache) > self.cache_size:
                             self._cache.popitem(last=False)
-        return np.stack(rows) if rows else np.zeros((0, len(self.experts)))
+        return np.stack(rows) if rows else np.zeros((0, len(self.experts)))  # type: ignore[arg-type]
 
     def clear_cache(self) -> None:
-        """Forget cached predictions (needed only if the router object is refitted in place)."""
+        """Forget cached predictions and decisions (needed only if the router object is refitted in place)."""
         with self._lock:
             self._cache.clear()
+            self._decisions.clear()
+
+    def eligible(self, expert: str | None = None, allowed: Iterable[str] | None = None,
+                 unable: Mapping[str, str] | None = None) -> list[str] | None:
+        """The experts a request may go to, in the router's order, or None when every expert may.
+
+        ``expert`` forces one expert; ``allowed`` narrows the choice to some experts;
+        ``unable`` names experts that cannot take this request and why (the adapter's
+        finding, e.g. an expert that could not bind the request's tools). Raises
+        ``IneligibleRequest`` saying why when a forced expert is unknown, not allowed or
+        unable, when ``allowed`` names unknown experts, and when nobody is left.
+        """
+        names = self.experts
+        allowed_set = None if allowed is None else set([allowed] if isinstance(allowed, str) else allowed)
+        unable = dict(unable or {})
+        unknown = (allowed_set or set()) - set(names)
+        if unknown:
+            raise IneligibleRequest(f"unknown experts {sorted(unknown)} in allowed: unknown to the router, which knows {names}")
+        unknown = set(unable) - set(names)
+        if unknown:
+            raise IneligibleRequest(f"unknown experts {sorted(unknown)} marked unable; the router knows {names}")
+        if expert is not None:
+            if not isinstance(expert, str):
+                raise IneligibleRequest(f"expert must be an expert name, got {type(expert).__name__}")
+            if expert not in names:
+                raise IneligibleRequest(f"unknown expert {expert!r}: expert={expert!r} is not one of the "
+                                        f"experts {sorted(names)}")
+            if allowed_set is not None and expert not in allowed_set:
+                raise IneligibleRequest(f"expert {expert!r} is not allowed for this request "
+                                        f"(allowed: {sorted(allowed_set)})")
+            if expert in unable:
+                raise IneligibleRequest(f"expert {expert!r} cannot take this request: {unable[expert]}")
+            return [expert]
+        pool = [n for n in names if (allowed_set is None or n in allowed_set) and n not in unable]
+        if not pool:
+            if unable:
+                raise IneligibleRequest(f"no expert can take this request: {unable}")
+            raise IneligibleRequest("no expert is allowed for this request")
+        return None if len(pool) == len(names) else pool
 
     def decide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
-               cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
-        """Rank the (allowed) experts for ``prompt``; ``Decision.ranking`` is the fallback order."""
-        return self.decide_many([prompt], allowed, cost_weight, max_cost)[0]
+               cost_weight: float | None = None, max_cost: float | None = None, *,
+               expert: str | None = None, unable: Mapping[str, str] | None = None) -> Decision:
+        """Rank the eligible experts for ``prompt`` (see ``eligible``); ``Decision.ranking`` is the fallback order."""
+        return self.decide_many([prompt], allowed, cost_weight, max_cost, expert=expert, unable=unable)[0]
 
     async def adecide(self, prompt: Prompt, allowed: Iterable[str] | None = None,
-                      cost_weight: float | None = None, max_cost: float | None = None) -> Decision:
+                      cost_weight: float | None = None, max_cost: float | None = None, *,
+                      expert: str | None = None, unable: Mapping[str, str] | None = None) -> Decision:
         """``decide`` in a worker thread, so router inference never blocks the event loop."""
-        return await asyncio.to_thread(self.decide, prompt, allowed, cost_weight, max_cost)
+        return await asyncio.to_thread(self.decide, prompt, allowed, cost_weight, max_cost,
+                                       expert=expert, unable=unable)
 
     def decide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
-                    cost_weight: float | None = None, max_cost: float | None = None) -> list[Decision]:
+                    cost_weight: float | None = None, max_cost: float | None = None, *,
+                    expert: str | None = None, unable: Mapping[str, str] | None = None) -> list[Decision]:
         """``decide`` for many prompts with one router call: batched inference costs far less per prompt."""
-        texts = [self.text(prompt) for prompt in prompts]
-        if not texts:
-            return []
-        allowed = None if allowed is None else list(allowed)
-        quality = self.quality(texts)
-        return [self._decision(text, q, allowed, cost_weight, max_cost) for text, q in zip(texts, quality)]
-
-    async def adecide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
-                           cost_weight: float | None = None, max_cost: float | None = None) -> list[Decision]:
-        """``decide_many`` in a worker thread, off the event loop."""
-        return await asyncio.to_thread(self.decide_many, prompts, allowed, cost_weight, max_cost)
-
-    def _decision(self, text: str, quality, allowed, cost_weight, max_cost) -> Decision:
+        pool = self.eligible(expert, allowed, unable)
         weight = self.cost_weight if cost_weight is None else cost_weight
         budget = self.max_cost if max_cost is None else max_cost
         check_cost_options(weight, budget)
-        mask = None
-        if allowed is not None:
-            allowed = set(allowed)
-            unknown = allowed - set(self.experts)
-            if unknown:
-                raise ValueError(f"unknown experts {sorted(unknown)}; the router knows {self.experts}")
-            if not allowed:
-                raise ValueError("no expert is allowed for this request")
-            mask = [e in allowed for e in self.experts]
+        texts = [self.text(prompt) for prompt in prompts]
+        if not texts:
+            return []
+        pool_key = None if pool is None else tuple(pool)
+        decisions: list[Decision | None] = [None] * len(texts)
+        todo = list(range(len(texts)))
+        if self.cache_size:
+            todo = []
+            with self._lock:
+                for i, text in enumerate(texts):
+                    cached = self._decisions.get((text, weight, budget, pool_key))
+                    if cached is None:
+                        todo.append(i)
+                    else:
+                        self._decisions.move_to_end((text, weight, budget, pool_key))
+                        if text in self._cache:  # keep both caches' recency in step
+                            self._cache.move_to_end(text)
+                        self.cache_hits += 1
+                        decisions[i] = _copy(cached)
+        if todo:
+            quality = self.quality([texts[i] for i in todo])
+            for i, q in zip(todo, quality):
+                decisions[i] = self._decision(texts[i], q, pool, weight, budget)
+            if self.cache_size:
+                with self._lock:
+                    for i in todo:
+                        self._decisions[(texts[i], weight, budget, pool_key)] = _copy(decisions[i])  # type: ignore[arg-type]
+                        while len(self._decisions) > self.cache_size:
+                            self._decisions.popitem(last=False)
+        return decisions  # type: ignore[return-value]
+
+    async def adecide_many(self, prompts: Sequence[Prompt], allowed: Iterable[str] | None = None,
+                           cost_weight: float | None = None, max_cost: float | None = None, *,
+                           expert: str | None = None, unable: Mapping[str, str] | None = None) -> list[Decision]:
+        """``decide_many`` in a worker thread, off the event loop."""
+        return await asyncio.to_thread(self.decide_many, prompts, allowed, cost_weight, max_cost,
+                                       expert=expert, unable=unable)
+
+    def _decision(self, text: str, quality: np.ndarray, pool: list[str] | None, weight: float,
+                  budget: float | None) -> Decision:
+        mask = None if pool is None else [e in pool for e in self.experts]
         order = rank(quality, self.costs, weight, budget, mask)
         names = [self.experts[i] for i in order]
         if not text.strip() and self.default_expert in names:
@@ -179,6 +243,12 @@ class Controller:
             scores={e: float(q) for e, q in zip(self.experts, quality)},
             costs={e: float(c) for e, c in zip(self.experts, self.costs)},
             cost_weight=weight, max_cost=budget, routed_text=text)
+
+
+def _copy(decision: Decision) -> Decision:
+    """A decision callers may change without touching the cached one."""
+    return replace(decision, ranking=list(decision.ranking), scores=dict(decision.scores),
+                   costs=dict(decision.costs))
 
 
 def check_cost_options(cost_weight: float, max_cost: float | None) -> None:

@@ -349,7 +349,7 @@ class RoutingDataset:
         """Each expert's mean score where observed (NaN if never observed)."""
         return _masked_mean(self.scores, self.mask)
 
-    def subset(self, indices: Sequence[int]) -> RoutingDataset:
+    def subset(self, indices: Sequence[int] | np.ndarray) -> RoutingDataset:
         return RoutingDataset([self.records[i] for i in indices], self.experts)
 
     def split(self, test_fraction: float = 0.2, seed: int = 0) -> tuple[RoutingDataset, RoutingDataset]:

@@ -110,7 +110,7 @@ def read_routerbench(paths: Iterable[str | os.PathLike], allow_pickle: bool = Fa
     return records
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def _csv_rows(path: Path) -> Iterator[tuple[int | str, dict[str, Any]]]:
     """Rows with the file line each one ends on (cells may hold newlines)."""
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -118,7 +118,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             yield reader.line_num, row
 
 
-def _pickle_rows(path: Path, allow_pickle: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+def _pickle_rows(path: Path, allow_pickle: bool) -> Iterator[tuple[int | str, dict[str, Any]]]:
     if not allow_pickle:
         raise DataError(f"{path}: a pickle file can run arbitrary code when read; pass --allow-pickle "
                         "(allow_pickle=True) only for a file you trust, e.g. RouterBench's own release")

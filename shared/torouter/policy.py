@@ -12,7 +12,7 @@ cheapest allowed expert is chosen (a budget never leaves a query unanswered).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,9 +53,10 @@ def choose(quality: np.ndarray, costs: np.ndarray, cost_weight: float = 0.0,
 
 
 def rank(quality: np.ndarray, costs: np.ndarray, cost_weight: float = 0.0,
-         max_cost: float | None = None, allowed: np.ndarray | None = None) -> list[int]:
+         max_cost: float | None = None, allowed: np.ndarray | Sequence[bool] | None = None) -> list[int]:
     """All usable experts for one prompt, best first: the pick, then the fallback order."""
-    utility, costs = _utilities(np.atleast_2d(quality), costs, cost_weight, max_cost, allowed)
+    mask = None if allowed is None else np.asarray(allowed, dtype=bool)
+    utility, costs = _utilities(np.atleast_2d(quality), costs, cost_weight, max_cost, mask)
     utility, costs = utility[0].copy(), costs[0]
     order: list[int] = []
     # Apply choose's rule repeatedly so the first entry is always choose's pick.

@@ -20,12 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .data import RoutingDataset
+from torouter.data import RoutingDataset
 
-DEMO_EXPERTS = Path(__file__).with_name("demo_experts.yaml")
+DEMO_EXPERTS = Path(str(resources.files("torouter").joinpath("demo_experts.yaml")))
+"""The two local experts' manifest, shipped in the core package beside its demo prompts."""
+
 NEW_QUESTIONS = [
     "A baker makes 12 loaves a day for 5 days and sells 41. How many loaves are left?",
     "Write a Python function that returns the largest element of a list.",
@@ -41,7 +44,7 @@ def _sha256(path: Path) -> str:
 
 def _router(method: str, train: RoutingDataset, data_hash: str, directory: Path, console, **params):
     """Load the router saved for this exact training data, or train and save a new one."""
-    from .routers import RouterFileError, load_router, make_router
+    from torouter.routers import RouterFileError, load_router, make_router
 
     key = hashlib.sha256(json.dumps([data_hash, method, params], sort_keys=True).encode()).hexdigest()[:16]
     try:
@@ -65,8 +68,8 @@ def run_demo(out: str | Path = "runs/demo", bert_epochs: int = 6, questions: lis
     from rich.console import Console
     from rich.rule import Rule
 
-    from . import evaluate as ev
-    from .prepare import demo_prompts, load_manifest, prepare
+    from torouter import evaluate as ev
+    from torouter.prepare import demo_prompts, load_manifest, prepare
 
     console = console or Console()
     out = Path(out)
@@ -121,8 +124,7 @@ def answer_with_chain(router, manifest, questions: list[str], console) -> list[d
     from langchain_core.prompts import ChatPromptTemplate
 
     from langchain_torouter import ChatManifestExpert, ChatTORouter
-
-    from .evaluate import default_cost_weights
+    from torouter.evaluate import default_cost_weights
 
     costs = router.costs()
     weights = default_cost_weights(costs)
