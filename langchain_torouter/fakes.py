@@ -33,8 +33,9 @@ from pydantic import ConfigDict, Field
 from torouter.data import content_text
 from torouter.offline import OfflineExpert, ToolSpec, count_tokens, cut_answer, token_pieces
 
+from .messages import messages_to_prompt
+
 _CALL_KWARGS = frozenset({"tools", "tool_choice", "answer_tools", "max_tokens", "temperature", "stream"})
-_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
 
 
 class RuleBasedFakeChatModel(BaseChatModel):
@@ -220,13 +221,11 @@ class RuleBasedFakeChatModel(BaseChatModel):
 
 
 def _prompt(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages in the core's prompt format (tool results keep their tool's name)."""
-    prompt = []
-    for message in messages:
-        entry: dict[str, Any] = {"role": _ROLES.get(message.type, message.type), "content": message.content}
+    """LangChain messages in the core's prompt format, tool results keeping their tool's name."""
+    prompt = messages_to_prompt(messages)
+    for entry, message in zip(prompt, messages, strict=True):
         if isinstance(message, ToolMessage) and message.name:
             entry["name"] = message.name
-        prompt.append(entry)
     return prompt
 
 
