@@ -46,12 +46,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import content_text
+from .data import Prompt, content_text
 from .routing_text import is_observation, question_of
 
-Prompt = str | Sequence[Mapping[str, Any]]
-"""A plain prompt, or ``[{"role", "content"}]`` messages (roles ``system``, ``user``,
-``assistant``, ``tool``; a ``tool`` message may name its tool under ``"name"``)."""
+# Prompts are the core's: a string, or ``[{"role", "content"}]`` messages with roles
+# ``system``, ``user``, ``assistant`` and ``tool`` (a tool result may name its tool under
+# ``"name"``); LangChain's and LlamaIndex's other role names are read as these.
 
 STOPWORDS = frozenset(
     "a an and are as at be by can could do does for from get has have how i in is it its me of on or "
@@ -142,7 +142,7 @@ def _text(message: Mapping[str, Any]) -> str:
     return content_text(message.get("content", ""))
 
 
-def _messages(prompt: Prompt) -> list[Mapping[str, Any]]:
+def _messages(prompt: Prompt) -> list[dict[str, Any]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     for i, message in enumerate(prompt):
@@ -538,6 +538,6 @@ def _react_tools(system: str) -> Iterator[ToolSpec]:
             yield ToolSpec(found.group("name").strip(), found.group("desc").strip(), schema)
 
 
-__all__ = ["GREETINGS", "STOPWORDS", "OfflineExpert", "Prompt", "Reply", "ToolCall", "ToolSpec", "arithmetic",
+__all__ = ["GREETINGS", "STOPWORDS", "OfflineExpert", "Reply", "ToolCall", "ToolSpec", "arithmetic",
            "best_sentence", "best_tool", "content_words", "count_tokens", "cut_answer", "fill_arguments",
            "question_in", "token_pieces"]
