@@ -80,6 +80,7 @@ _REACT_TOOL = re.compile(
     re.MULTILINE | re.DOTALL)
 _REACT_DONE = "Thought: I can answer without using any more tools. I'll use the user's language to answer\nAnswer: "
 _HANDOFF = "handoff"
+_CHOICES = ("auto", "none", "any", "required")  # tool_choice values that name no tool
 _HANDOFF_AGENTS = re.compile(r"Currently available agents:\s*(\{.*\})", re.DOTALL)
 _HANDOFF_RESULT = re.compile(r"^Agent \S+ is now handling the request")
 
@@ -422,10 +423,11 @@ class OfflineExpert:
     def tool_result(prompt: Prompt) -> tuple[str, str] | None:
         """``(tool name, result)`` when the prompt ends with a tool result (a hand-off is none: the new agent
         starts on the question)."""
-        if isinstance(prompt, str) or not prompt or _role(prompt[-1]) != "tool":
+        messages = [] if isinstance(prompt, str) else _messages(prompt)
+        if not messages or _role(messages[-1]) != "tool":
             return None
-        name = str(prompt[-1].get("name") or "tool")
-        return None if name == _HANDOFF else (name, _text(prompt[-1]))
+        name = str(messages[-1].get("name") or "tool")
+        return None if name == _HANDOFF else (name, _text(messages[-1]))
 
     # -- answering
     def answer(self, prompt: Prompt) -> str:
@@ -514,7 +516,7 @@ class OfflineExpert:
             observation = observations[-1].split(":", 1)[1].strip()
             if not _HANDOFF_RESULT.match(observation):
                 return _REACT_DONE + self._signed(observation)
-        tools = [tool for tool in _react_tools(system)]
+        tools = list(_react_tools(system))
         question = self.question(messages)
         if tools:
             tool, fit = best_tool(question, tools)
@@ -524,8 +526,6 @@ class OfflineExpert:
         conversation = [m for m in messages if _role(m) != "system"]
         return _REACT_DONE + self.answer(conversation)
 
-
-_CHOICES = ("auto", "none", "any", "required")
 
 
 def _react_tools(system: str) -> Iterator[ToolSpec]:
