@@ -54,7 +54,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
-from langchain_core.messages import AIMessageChunk  # noqa: E402
 from langchain_core.outputs import ChatGenerationChunk  # noqa: E402
 
 from langchain_torouter import ChatRuleBased  # noqa: E402
@@ -288,7 +287,7 @@ async def run(base: str, pid: int, token: str, prompts: list[str], flag: Path, a
         checkpoints: list[tuple[int, float, int]] = []
         results, start, quarter = [], time.perf_counter(), -(-args.rss_requests // 4)
         for first in range(0, args.rss_requests, quarter):
-            _, _, part = await load(lambda i: mixed(first + i), min(quarter, args.rss_requests - first),
+            _, _, part = await load(lambda i, first=first: mixed(first + i), min(quarter, args.rss_requests - first),
                                     concurrency * 2)
             results += part
             checkpoints.append((first + len(part), *memory(pid)))

@@ -16,8 +16,9 @@ from ._routing import route_on_input
 from .chat_models import ChatTORouter
 from .fakes import RuleBasedFakeChatModel
 from .manifest import ChatManifestExpert
+from .decision_model import TORouterDecisionModel
 from .messages import as_chunk, messages_to_prompt
-from .middleware import TORouterContext, TORouterDecisionModel, TORouterMiddleware
+from .middleware import TORouterContext, TORouterMiddleware
 from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 

@@ -12,7 +12,7 @@ import contextlib
 import warnings
 import os
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 

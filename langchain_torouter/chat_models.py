@@ -236,6 +236,16 @@ class ChatTORouter(BaseTORouter, BaseChatModel):
             return metadata[ROUTE_TEXT_KEY]  # the question, named by ``route_on_input``
         return messages_to_prompt(messages)
 
+    def expert_runnable(self, name: str) -> Runnable:
+        """What answers as expert ``name``: its chat model, with the tools ``bind_tools`` bound on it.
+
+        For callers that run the chosen expert themselves (the OpenAI-compatible endpoint
+        calls it under its own deadlines after ``route``).
+        """
+        if name not in self.experts:
+            raise KeyError(f"{name!r} is not one of the experts {sorted(self.experts)}")
+        return self._runnable(name)
+
     def _runnable(self, name: str) -> Runnable:
         return self._bound[name] if self._bound is not None else self.experts[name]
 

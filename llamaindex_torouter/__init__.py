@@ -5,16 +5,14 @@ experts for tests and examples (``ExtractiveLLM`` and ``ExtractiveToolLLM`` are 
 deprecated aliases).
 """
 
-from .base import (
-    METADATA_KEY,
-    ExpertFallbackEvent,
-    RoutedCallbackManager,
-    RoutingDecisionEvent,
-    TORouterLLM,
-    supports_tools,
-)
+from torouter.policy import METADATA_KEY
+
+from .base import TORouterLLM
+from .callbacks import RoutedCallbackManager
+from .events import ExpertFallbackEvent, RoutingDecisionEvent
 from .local_experts import ExtractiveLLM, ExtractiveToolLLM
 from .mock_llms import ExpertUnavailableError, RuleBasedMockFunctionCallingLLM, RuleBasedMockLLM
+from .utils import supports_tools
 
 __all__ = [
     "METADATA_KEY", "ExpertFallbackEvent", "ExpertUnavailableError", "ExtractiveLLM", "ExtractiveToolLLM",

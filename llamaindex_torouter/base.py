@@ -1,16 +1,15 @@
 """``TORouterLLM``: a LlamaIndex LLM that sends each request to the expert LLM a trained router picks.
 
-Which text is routed on, the cost-aware ranking, the prediction cache and the fallback
-order all come from ``torouter.Controller`` and its fallback helpers; this module adapts
-LlamaIndex messages, prompt templates, responses, tool calls, callbacks and
-instrumentation to them.
+Who may answer, which text is routed on, the cost-aware ranking, the prediction cache
+and the fallback order all come from ``torouter.Controller`` and its fallback helpers;
+this module adapts LlamaIndex's calls, responses and tool calls to them. Message
+conversion is in ``utils``, the callback manager in ``callbacks``, the
+instrumentation events in ``events``.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,12 +25,10 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
-    TextBlock,
 )
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, field_serializer
-from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
+from llama_index.core.callbacks import CallbackManager
 from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.events.llm import LLMPredictEndEvent, LLMPredictStartEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
@@ -56,7 +53,10 @@ from torouter.policy import METADATA_KEY, Decision
 from torouter.routers import Router
 from torouter.routing_text import ROUTE_ON, RouteOnMode
 
-from .templates import query_of, question_in_template, template_prompt
+from .callbacks import RoutedCallbackManager
+from .events import ExpertFallbackEvent, RoutingDecisionEvent
+from .templates import query_of, template_prompt
+from .utils import messages_to_prompt, query_prompt, supports_tools, without_metadata
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -77,196 +77,6 @@ _SCOPED_OPTIONS: ContextVar[Mapping[int, Mapping[str, Any]] | None] = ContextVar
 
 def _scoped() -> Mapping[int, Mapping[str, Any]]:
     return _SCOPED_OPTIONS.get() or {}
-
-
-class RoutingDecisionEvent(BaseEvent):
-    """One routing decision: the router's pick, the fallback order, the numbers behind it and what was read."""
-
-    expert: str
-    ranking: list[str]
-    scores: dict[str, float]
-    costs: dict[str, float]
-    cost_weight: float
-    max_cost: float | None = None
-    forced: bool = False
-    tools: bool = False
-    routed_text: str = ""
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "TORouterRoutingDecisionEvent"
-
-
-class ExpertFallbackEvent(BaseEvent):
-    """Experts earlier in the ranking failed before producing output and ``expert`` answered."""
-
-    expert: str
-    chosen: str
-    failures: dict[str, str]
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "TORouterExpertFallbackEvent"
-
-
-def supports_tools(llm: LLM) -> bool:
-    """Whether an expert can take part in function calling."""
-    return isinstance(llm, FunctionCallingLLM) and bool(llm.metadata.is_function_calling_model)
-
-
-def _message_text(message: ChatMessage) -> str:
-    return "\n".join(b.text for b in message.blocks if isinstance(b, TextBlock) and b.text)
-
-
-def _as_prompt(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """LlamaIndex messages as the core's ``[{"role", "content"}]`` prompt; only text blocks are kept.
-
-    A user turn that is one of LlamaIndex's own wrappers around the user's words (an
-    agent's state prompt, a chat engine's condense prompt) is reduced to those words.
-    """
-    prompt = []
-    for message in messages:
-        if not isinstance(message, ChatMessage):
-            raise TypeError(f"expected llama_index ChatMessage objects, got {type(message).__name__}")
-        role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
-        if role == MessageRole.DEVELOPER.value:
-            role = "system"
-        text = _message_text(message)
-        if role == MessageRole.USER.value:
-            text = question_in_template(text)
-        prompt.append({"role": role, "content": text})
-    return prompt
-
-
-def _without_metadata(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """The messages with this router's decision taken out of ``additional_kwargs``.
-
-    Responses carry the decision on their message, and agents and chat memories send
-    those messages back; experts must not receive it (OpenAI-style clients copy
-    ``additional_kwargs`` into the request, and completion prompts print it).
-    """
-    cleaned = []
-    for message in messages:
-        if isinstance(message, ChatMessage) and METADATA_KEY in message.additional_kwargs:
-            kwargs = {k: v for k, v in message.additional_kwargs.items() if k != METADATA_KEY}
-            message = message.model_copy(update={"additional_kwargs": kwargs})
-        cleaned.append(message)
-    return cleaned
-
-
-def _query_prompt(messages: Sequence[ChatMessage], query: str) -> list[ChatMessage]:
-    """What the router reads for a filled template whose query is known.
-
-    The template's system text (instructions, retrieved context) is left out, the user
-    message holding the query becomes the query alone, and earlier user and assistant
-    turns (a chat engine's history) are kept for ``recent_user`` and ``conversation``.
-    """
-    holder = None
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].role == MessageRole.USER and query in _message_text(messages[i]):
-            holder = i
-            break
-    earlier = messages if holder is None else messages[:holder]
-    kept = [m for m in earlier if m.role not in (MessageRole.SYSTEM, MessageRole.DEVELOPER)]
-    return [*kept, ChatMessage(role=MessageRole.USER, content=query)]
-
-
-def _routed_expert(payload: Mapping[str, Any] | None) -> str | None:
-    """The expert that answered, from a callback end payload's response."""
-    if not payload:
-        return None
-    response = payload.get(EventPayload.RESPONSE) or payload.get(EventPayload.COMPLETION)
-    routed = getattr(response, "additional_kwargs", {}).get(METADATA_KEY) if response is not None else None
-    return routed.get("expert") if isinstance(routed, dict) else None
-
-
-class RoutedCallbackManager(CallbackManager):
-    """``TORouterLLM``'s callback manager: one LLM event per routed call for every handler.
-
-    A routed call is two LLM calls to LlamaIndex's callback system: the router's and the
-    expert's. Where a handler also listens to the experts (``Settings.callback_manager``
-    is shared by every LLM built after it is set), counting both would count each call
-    twice, so such handlers hear only the expert's own event. The router tells the
-    other handlers; one the answering expert turns out not to have (a handler given to
-    some experts only) hears the router's event when the call ends. Everything else
-    (handlers, traces) is the wrapped manager's, so adding a handler to either shows in both.
-    """
-
-    def __init__(self, inner: CallbackManager, llm: TORouterLLM):
-        # CallbackManager.__init__ is not called: it would put Settings' or the global
-        # handlers on an empty list, while this manager keeps the wrapped one's.
-        self.inner = inner
-        self._llm = llm
-        self._hidden: ContextVar[frozenset[int]] = ContextVar(f"torouter_hidden_{id(self)}", default=frozenset())
-        self._held: OrderedDict[str, tuple[Any, str, list, frozenset[int]]] = OrderedDict()
-
-    @property
-    def handlers(self) -> list:  # type: ignore[override]
-        hidden = self._hidden.get()
-        if not hidden:
-            return self.inner.handlers
-        return [h for h in self.inner.handlers if id(h) not in hidden]
-
-    @handlers.setter
-    def handlers(self, handlers: list) -> None:
-        self.inner.handlers = handlers
-
-    @property
-    def _trace_map(self):  # type: ignore[override]
-        return self.inner._trace_map
-
-    @_trace_map.setter
-    def _trace_map(self, value) -> None:
-        self.inner._trace_map = value
-
-    def _expert_handlers(self, name: str | None = None) -> set[int]:
-        experts = self._llm._experts if name is None else {name: self._llm._experts[name]}
-        ids: set[int] = set()
-        for expert in experts.values():
-            manager = getattr(expert, "callback_manager", None)
-            if isinstance(manager, CallbackManager):
-                ids.update(id(h) for h in manager.handlers)
-        return ids
-
-    def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
-                       event_id: str | None = None, parent_id: str | None = None, **kwargs: Any) -> str:
-        if event_type != CBEventType.LLM:
-            return super().on_event_start(event_type, payload, event_id, parent_id, **kwargs)
-        event_id = event_id or str(uuid.uuid4())
-        shared = frozenset(id(h) for h in self.inner.handlers) & self._expert_handlers()
-        token = self._hidden.set(shared)
-        try:
-            super().on_event_start(event_type, payload, event_id, parent_id, **kwargs)
-        finally:
-            self._hidden.reset(token)
-        if shared:
-            from llama_index.core.callbacks.base import global_stack_trace
-
-            held = [h for h in self.inner.handlers
-                    if id(h) in shared and event_type not in h.event_starts_to_ignore]
-            self._held[event_id] = (payload, parent_id or global_stack_trace.get()[-1], held, shared)
-            while len(self._held) > 4096:  # streams abandoned before their end
-                self._held.popitem(last=False)
-        return event_id
-
-    def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
-                     event_id: str | None = None, **kwargs: Any) -> None:
-        if event_type != CBEventType.LLM or event_id not in self._held:
-            return super().on_event_end(event_type, payload, event_id, **kwargs)
-        start_payload, parent_id, held, shared = self._held.pop(event_id)
-        expert = _routed_expert(payload)
-        if expert in self._llm._experts:
-            told = self._expert_handlers(expert)
-            for handler in held:
-                if id(handler) not in told:
-                    handler.on_event_start(event_type, start_payload, event_id=event_id, parent_id=parent_id)
-                    if event_type not in handler.event_ends_to_ignore:
-                        handler.on_event_end(event_type, payload, event_id=event_id, **kwargs)
-        token = self._hidden.set(shared)
-        try:
-            super().on_event_end(event_type, payload, event_id, **kwargs)
-        finally:
-            self._hidden.reset(token)
 
 
 class TORouterLLM(FunctionCallingLLM):
@@ -529,7 +339,7 @@ class TORouterLLM(FunctionCallingLLM):
             return prompt if turns is None else turns
         if not prompt:
             raise ValueError("TORouterLLM got an empty message list: there is nothing to route on")
-        return _as_prompt(prompt)
+        return messages_to_prompt(prompt)
 
     def _emit_decision(self, decision: Decision, forced: bool, tools: bool) -> None:
         dispatcher.event(RoutingDecisionEvent(
@@ -594,7 +404,7 @@ class TORouterLLM(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
         decision = self.route(messages if route_prompt is None else route_prompt, tools=tools is not None, **routing)
-        messages = _without_metadata(messages)
+        messages = without_metadata(messages)
 
         def call(name: str) -> ChatResponse:
             llm = self._experts[name]
@@ -611,7 +421,7 @@ class TORouterLLM(FunctionCallingLLM):
         routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
         decision = await self.aroute(messages if route_prompt is None else route_prompt,
                                      tools=tools is not None, **routing)
-        messages = _without_metadata(messages)
+        messages = without_metadata(messages)
 
         async def call(name: str) -> ChatResponse:
             llm = self._experts[name]
@@ -627,7 +437,7 @@ class TORouterLLM(FunctionCallingLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
         decision = self.route(messages if route_prompt is None else route_prompt, tools=tools is not None, **routing)
-        messages = _without_metadata(messages)
+        messages = without_metadata(messages)
 
         def start(name: str) -> Iterator[ChatResponse]:
             llm = self._experts[name]
@@ -643,7 +453,7 @@ class TORouterLLM(FunctionCallingLLM):
         routing, tools, rest, route_prompt = self._split_kwargs(kwargs)
         decision = await self.aroute(messages if route_prompt is None else route_prompt,
                                      tools=tools is not None, **routing)
-        messages = _without_metadata(messages)
+        messages = without_metadata(messages)
 
         async def start(name: str) -> AsyncIterator[ChatResponse]:
             llm = self._experts[name]
@@ -727,7 +537,7 @@ class TORouterLLM(FunctionCallingLLM):
         """The messages of a filled template, and the routing kwargs that make the router read its query."""
         messages = self._get_messages(prompt, **prompt_args)
         query = query_of(prompt, prompt_args, self)
-        return messages, ({} if query is None else {"route_prompt": _query_prompt(messages, query)})
+        return messages, ({} if query is None else {"route_prompt": query_prompt(messages, query)})
 
     def _structured_kwargs(self, prompt: BasePromptTemplate, prompt_args: dict[str, Any],
                            llm_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -735,7 +545,7 @@ class TORouterLLM(FunctionCallingLLM):
         llm_kwargs = dict(llm_kwargs or {})
         query = query_of(prompt, prompt_args, self)
         if query is not None and "route_prompt" not in llm_kwargs:
-            llm_kwargs["route_prompt"] = _query_prompt(self._get_messages(prompt, **prompt_args), query)
+            llm_kwargs["route_prompt"] = query_prompt(self._get_messages(prompt, **prompt_args), query)
         return llm_kwargs
 
     @dispatcher.span

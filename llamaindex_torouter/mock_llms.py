@@ -34,7 +34,6 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
-    TextBlock,
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
@@ -46,6 +45,7 @@ from llama_index.core.llms.llm import LLM, ToolSelection
 from torouter.offline import OfflineExpert, ToolSpec, token_pieces
 
 from .templates import question_in_template
+from .utils import message_text
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -55,17 +55,13 @@ class ExpertUnavailableError(ConnectionError):
     """A simulated expert outage."""
 
 
-def _message_text(message: ChatMessage) -> str:
-    return "\n".join(b.text for b in message.blocks if isinstance(b, TextBlock))
-
-
 def _prompt(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """LlamaIndex messages in the core's prompt format; a tool result is named after the call it answers."""
     called = {b.tool_call_id: b.tool_name for m in messages for b in m.blocks if isinstance(b, ToolCallBlock)}
     prompt = []
     for message in messages:
         entry: dict[str, Any] = {"role": str(getattr(message.role, "value", message.role)),
-                                 "content": _message_text(message)}
+                                 "content": message_text(message)}
         if message.role == MessageRole.TOOL:
             name = message.additional_kwargs.get("name") or called.get(message.additional_kwargs.get("tool_call_id"))
             if name:

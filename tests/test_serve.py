@@ -499,7 +499,9 @@ def test_expert_breaking_mid_stream_ends_the_stream_with_an_error(flaky_server):
     with pytest.raises(openai.APIError) as caught:
         for chunk in stream:
             received.append(chunk.choices[0].delta.content)
-    assert received == ["partial ", "answer "]
+    # All the text sent before the break arrives (chunk boundaries may shift: the secret masker
+    # holds back a tail as long as the longest secret the process knows, then releases it).
+    assert "".join(text or "" for text in received) == "partial answer "
     assert "code-7b" in str(caught.value) and "dropped" not in str(caught.value)
 
 

@@ -305,7 +305,7 @@ class _Service:
     def start(self, plan: _Plan, name: str, stream: bool, watch: _ClientWatch) -> _Attempt:
         if watch.gone:
             raise _ClientGone
-        attempt = _Attempt(self.lanes[name], plan.owner._runnable(name), plan.messages, plan.config(name),
+        attempt = _Attempt(self.lanes[name], plan.owner.expert_runnable(name), plan.messages, plan.config(name),
                            plan.kwargs, stream, plan.deadline)
         watch.attempt = attempt
         return attempt
