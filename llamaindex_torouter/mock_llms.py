@@ -223,17 +223,13 @@ class RuleBasedMockFunctionCallingLLM(_RuleBasedMock, FunctionCallingLLM):
         return ChatMessage(role=MessageRole.ASSISTANT, blocks=[
             ToolCallBlock(tool_call_id=call.id, tool_name=call.name, tool_kwargs=call.arguments)])
 
-    def _prepare_chat_with_tools(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """The chat arguments for ``tools``: they stay unformatted, the expert reads their schemas."""
+    def _prepare_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                                 chat_history: list[ChatMessage] | None = None, tool_required: bool = False,
+                                 **kwargs: Any) -> dict[str, Any]:
+        """The chat arguments for ``tools``: they stay unformatted, the expert reads their schemas.
+
+        ``verbose`` and ``allow_parallel_tool_calls`` pass through unread: at most one tool is called a turn.
+        """
         if isinstance(user_msg, str):
             user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
         history = list(chat_history or [])
