@@ -333,7 +333,9 @@ COMMAND_PLUGINS = "torouter.commands"
 
 
 def _command_name(command: typer.models.CommandInfo) -> str:
-    return command.name or typer.main.get_command_name(command.callback.__name__)
+    if command.name:
+        return command.name
+    return typer.main.get_command_name(command.callback.__name__ if command.callback else "")
 
 
 def _unavailable(plugin: EntryPoint, exc: BaseException) -> Callable[..., None]:
@@ -361,7 +363,7 @@ def add_plugin_commands(target: typer.Typer, plugins: Optional[Iterable[EntryPoi
     if plugins is None:
         plugins = entry_points(group=COMMAND_PLUGINS)
     taken = {_command_name(command) for command in target.registered_commands}
-    taken |= {group.name for group in target.registered_groups}
+    taken |= {group.name for group in target.registered_groups if group.name}
     added: list[str] = []
     seen: set[str] = set()
     for plugin in sorted(plugins, key=lambda p: p.name):

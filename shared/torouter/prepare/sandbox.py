@@ -104,6 +104,7 @@ def run_python(program: str, limits: Limits = Limits(), mode: str | None = None)
         os.close(status_w)
     try:
         try:
+            assert proc.stdin is not None  # stdin=PIPE
             proc.stdin.write(request)
             proc.stdin.close()
         except BrokenPipeError:

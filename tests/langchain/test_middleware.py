@@ -23,7 +23,7 @@ from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel
 
-from langchain_standard.support import EXPERT_NAMES, ChatDown, OutageError, trained_router
+from helpers.langchain_experts import EXPERT_NAMES, ChatDown, OutageError
 from langchain_torouter import ChatRuleBased, TORouterDecisionModel, TORouterMiddleware
 from torouter import AllExpertsFailed
 
@@ -54,11 +54,6 @@ class Product(BaseModel):
 
     value: int
     explanation: str
-
-
-@pytest.fixture(scope="module")
-def router():
-    return trained_router()
 
 
 def experts(**replace):

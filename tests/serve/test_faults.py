@@ -25,7 +25,7 @@ import httpx  # noqa: E402
 from langchain_core.language_models import BaseChatModel  # noqa: E402
 from langchain_core.messages import AIMessage, AIMessageChunk  # noqa: E402
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult  # noqa: E402
-from langchain_standard.support import trained_router  # noqa: E402
+from helpers.langchain_experts import trained_router  # noqa: E402
 
 from langchain_torouter import ChatRuleBased, ChatTORouter  # noqa: E402
 from torouter_apps.serve import ConfigError, Limits, ServeConfig, Timeouts, create_app, server_config  # noqa: E402
@@ -652,7 +652,7 @@ import httpx
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_standard.support import trained_router
+from helpers.langchain_experts import trained_router
 from langchain_torouter import ChatRuleBased, ChatTORouter
 from torouter_apps.serve import Timeouts, create_app, run_server
 
@@ -695,7 +695,7 @@ def test_a_hung_expert_thread_does_not_hold_up_shutdown(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

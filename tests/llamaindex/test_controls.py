@@ -17,16 +17,9 @@ from llama_index.core.llms import ChatMessage, MessageRole  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 
 from llamaindex_torouter import METADATA_KEY, ExtractiveLLM, ExtractiveToolLLM, TORouterLLM  # noqa: E402
-from torouter import RoutingDataset, make_router  # noqa: E402
-from torouter.synthetic import make_synthetic  # noqa: E402
 
 TRIVIA = "What is the capital of France?"
 BIOMED = "What is the mechanism of action of metformin?"
-
-
-@pytest.fixture(scope="module")
-def router():
-    return make_router("knn", k=5).fit(RoutingDataset(make_synthetic(120, seed=0)))
 
 
 def experts(callback_manager=None):

@@ -12,7 +12,7 @@ import pytest
 from torouter.data import DataError, RoutingDataset, iter_jsonl, write_jsonl
 from torouter.importers import read_routerbench, routerbench_records
 
-ROUTERBENCH_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/routerbench"
+ROUTERBENCH_DIR = Path(__file__).resolve().parents[2].parent / "shared/data/routerbench"
 
 MODELS = ["gpt-4-1106-preview", "mistralai/mistral-7b-chat"]
 HEADER = ["", "sample_id", "prompt", "eval_name", *MODELS,

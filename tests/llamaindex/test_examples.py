@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load_example(name: str):

@@ -27,18 +27,12 @@ from llamaindex_torouter import (  # noqa: E402
     RoutingDecisionEvent,
     TORouterLLM,
 )
-from torouter import AllExpertsFailed, RoutingDataset, make_router  # noqa: E402
-from torouter.synthetic import make_synthetic  # noqa: E402
+from torouter import AllExpertsFailed  # noqa: E402
 
 TRIVIA = "What is the capital of France?"
 BIOMED = "What is the mechanism of action of metformin?"
 TOOL_EXPERTS = {"code-7b", "cloud-large"}
 IMAGE = ImageBlock(image=b"\x89PNG", image_mimetype="image/png")
-
-
-@pytest.fixture(scope="module")
-def router():
-    return make_router("knn", k=5).fit(RoutingDataset(make_synthetic(120, seed=0)))
 
 
 def make_experts(**flags):

@@ -18,18 +18,13 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
 from pydantic import ValidationError
 
-from langchain_standard.support import EXPERT_NAMES, ChatDown, rule_experts, trained_router
+from helpers.langchain_experts import EXPERT_NAMES, ChatDown, rule_experts
 from langchain_torouter import ChatRuleBased, ChatTORouter, route_on_input
 
 CODE = "Write a Python function that checks whether a number is prime."
 BIOMED = "What is the mechanism of action of warfarin?"
 TRIVIA = "What is the capital of Japan?"
 CONTEXT = " ".join(["The regional council approved the budget for road maintenance and street lighting."] * 40)
-
-
-@pytest.fixture(scope="module")
-def router():
-    return trained_router()
 
 
 @pytest.fixture

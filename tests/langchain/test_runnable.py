@@ -9,7 +9,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
-from langchain_standard.support import EXPERT_NAMES, OutageError, RunRecorder, trained_router
+from helpers.langchain_experts import EXPERT_NAMES, OutageError, RunRecorder, trained_router
 from langchain_torouter import ChatRuleBased, TORouterRunnable
 from torouter import AllExpertsFailed
 

@@ -15,7 +15,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_torouter import ChatRuleBased, ChatTORouter
 
-from .support import rule_experts, trained_router
+from helpers.langchain_experts import rule_experts, trained_router
 
 # ChatTORouter makes no provider call of its own: it holds no API key and has no
 # timeout or retry settings (those belong to each expert), so the unit suite's

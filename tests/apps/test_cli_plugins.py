@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from torouter.cli import COMMAND_PLUGINS, add_plugin_commands
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 PLUGIN_MODULE = textwrap.dedent('''

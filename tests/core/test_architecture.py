@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"torouter": ROOT / "shared" / "torouter", "langchain_torouter": ROOT / "langchain_torouter",
             "llamaindex_torouter": ROOT / "llamaindex_torouter", "torouter_apps": ROOT / "torouter_apps"}
 

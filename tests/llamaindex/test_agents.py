@@ -20,8 +20,6 @@ from llama_index.core.agent.workflow import (  # noqa: E402
     ToolCallResult,
 )
 from llama_index.core.bridge.pydantic import BaseModel  # noqa: E402
-from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.llms import ChatMessage, MessageRole  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 from llama_index.core.workflow import Context  # noqa: E402
@@ -30,21 +28,14 @@ from llamaindex_torouter import (  # noqa: E402
     METADATA_KEY,
     ExtractiveLLM,
     ExtractiveToolLLM,
-    RoutingDecisionEvent,
     TORouterLLM,
     supports_tools,
 )
-from torouter import Controller, RoutingDataset, make_router  # noqa: E402
-from torouter.synthetic import make_synthetic  # noqa: E402
+from torouter import Controller  # noqa: E402
 
 MATH = "What is 6 multiplied by 7?"
 BIOMED = "What interacts with warfarin? Use the drug interactions lookup."
 TOOL_EXPERTS = ["code-7b", "cloud-large"]
-
-
-@pytest.fixture(scope="module")
-def router():
-    return make_router("knn", k=5).fit(RoutingDataset(make_synthetic(120, seed=0)))
 
 
 @pytest.fixture(scope="module")
@@ -74,28 +65,6 @@ def drug_interactions(drug: str) -> str:
 
 MULTIPLY = FunctionTool.from_defaults(multiply)
 INTERACTIONS = FunctionTool.from_defaults(drug_interactions)
-
-
-class Decisions(BaseEventHandler):
-    seen: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "AgentDecisions"
-
-    def handle(self, event, **kwargs):
-        if isinstance(event, RoutingDecisionEvent):
-            self.seen.append(event)
-
-
-@pytest.fixture
-def decisions():
-    handler = Decisions()
-    handler.seen.clear()
-    root = get_dispatcher()
-    root.add_event_handler(handler)
-    yield handler.seen
-    root.event_handlers.remove(handler)
 
 
 async def run(agent, question: str, **kwargs):

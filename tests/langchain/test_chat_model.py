@@ -14,13 +14,12 @@ from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
-from langchain_standard.support import (
+from helpers.langchain_experts import (
     EXPERT_NAMES,
     ChatDown,
     OutageError,
     RunRecorder,
     rule_experts,
-    trained_router,
 )
 from langchain_torouter import ChatRuleBased, ChatTORouter, TORouterRunnable
 from torouter import AllExpertsFailed
@@ -29,11 +28,6 @@ CODE = "Write a Python function that checks whether a number is prime."
 BIOMED = "What is the mechanism of action of warfarin?"
 TRIVIA = "What is the capital of Japan?"
 MATH = "A train travels 60 km in 2 hours. What is its average speed in km per hour?"
-
-
-@pytest.fixture(scope="module")
-def router():
-    return trained_router()
 
 
 @pytest.fixture

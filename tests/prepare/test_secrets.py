@@ -227,7 +227,7 @@ def test_the_endpoint_masks_values_in_502_bodies_and_logs(tmp_path, monkeypatch,
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from langchain_standard.support import trained_router
+    from helpers.langchain_experts import trained_router
     from torouter_apps.serve import ServeConfig, create_app
     from torouter.synthetic import EXPERTS
 

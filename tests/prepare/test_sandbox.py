@@ -324,7 +324,7 @@ def test_passing_program_may_print_anything():
 
 # --------------------------------------------------------------------------- modes and failing closed
 
-PREPARE_DIR = Path(__file__).resolve().parent.parent / "shared" / "torouter" / "prepare"
+PREPARE_DIR = Path(__file__).resolve().parents[2] / "shared" / "torouter" / "prepare"
 
 
 def test_unknown_mode_is_refused(monkeypatch):

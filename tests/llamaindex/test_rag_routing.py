@@ -18,13 +18,10 @@ from llama_index.core import Document, PromptTemplate, VectorStoreIndex  # noqa:
 from llama_index.core.bridge.pydantic import BaseModel, Field  # noqa: E402
 from llama_index.core.chat_engine import CondensePlusContextChatEngine, CondenseQuestionChatEngine  # noqa: E402
 from llama_index.core.embeddings import MockEmbedding  # noqa: E402
-from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.llms import ChatMessage, MessageRole  # noqa: E402
 
-from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, RoutingDecisionEvent, TORouterLLM  # noqa: E402
-from torouter import Controller, RoutingDataset, make_router  # noqa: E402
-from torouter.synthetic import make_synthetic  # noqa: E402
+from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, TORouterLLM  # noqa: E402
+from torouter import Controller  # noqa: E402
 
 QUESTIONS = [
     "What is the mechanism of action of metformin?",
@@ -59,11 +56,6 @@ DOCS = [Document(text=unrelated_text(seed, words)) for seed, words in enumerate(
 
 
 @pytest.fixture(scope="module")
-def router():
-    return make_router("knn", k=5).fit(RoutingDataset(make_synthetic(120, seed=0)))
-
-
-@pytest.fixture(scope="module")
 def index():
     return VectorStoreIndex.from_documents(DOCS, embed_model=MockEmbedding(embed_dim=8))
 
@@ -83,28 +75,6 @@ def bare(router):
     controller = Controller(router, cost_weight=40.0)
     return ({q: controller.decide(q).expert for q in QUESTIONS},
             {q: controller.decide(q, allowed=TOOL_EXPERTS).expert for q in QUESTIONS})
-
-
-class Decisions(BaseEventHandler):
-    seen: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "RagDecisions"
-
-    def handle(self, event, **kwargs):
-        if isinstance(event, RoutingDecisionEvent):
-            self.seen.append(event)
-
-
-@pytest.fixture
-def decisions():
-    handler = Decisions()
-    handler.seen.clear()
-    root = get_dispatcher()
-    root.add_event_handler(handler)
-    yield handler.seen
-    root.event_handlers.remove(handler)
 
 
 def assert_routed_on(seen: list, question: str, expert: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from langchain_core.messages import AIMessage, ToolMessage
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load_example(name: str):
@@ -48,7 +48,7 @@ def test_rag_chain_retrieves_and_routes(rag, capsys):
 
 
 def test_rag_chain_accepts_a_saved_router(rag, tmp_path):
-    from langchain_standard.support import trained_router
+    from helpers.langchain_experts import trained_router
 
     trained_router().save(tmp_path / "router")
     results = rag.main(["--router", str(tmp_path / "router"), "--cost-weight", "0"])

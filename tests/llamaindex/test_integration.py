@@ -14,24 +14,15 @@ pytest.importorskip("llama_index.core")
 from llama_index.core import Document, PromptTemplate, Settings, VectorStoreIndex  # noqa: E402
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent  # noqa: E402
 from llama_index.core.embeddings import MockEmbedding  # noqa: E402
-from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata  # noqa: E402
 from llama_index.core.llms.callbacks import llm_completion_callback  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 
-from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, RoutingDecisionEvent, TORouterLLM  # noqa: E402
-from torouter import RoutingDataset, make_router  # noqa: E402
-from torouter.synthetic import make_synthetic  # noqa: E402
+from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, TORouterLLM  # noqa: E402
 
 TAG = re.compile(r"^\[(edge-small|code-7b|med-7b|cloud-large)\] ")
 DOCS = [Document(text="Nairobi is the capital of Kenya. Oslo is the capital of Norway."),
         Document(text="Metformin lowers blood glucose by reducing hepatic glucose production.")]
-
-
-@pytest.fixture(scope="module")
-def router():
-    return make_router("knn", k=5).fit(RoutingDataset(make_synthetic(120, seed=0)))
 
 
 def experts() -> dict[str, Any]:
@@ -55,27 +46,6 @@ def offline_settings():
     Settings.embed_model = MockEmbedding(embed_dim=8)
     yield Settings
     Settings._llm, Settings._embed_model = saved
-
-
-class Decisions(BaseEventHandler):
-    seen: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "Decisions"
-
-    def handle(self, event, **kwargs):
-        if isinstance(event, RoutingDecisionEvent):
-            self.seen.append(event)
-
-
-@pytest.fixture
-def decisions():
-    handler = Decisions()
-    root = get_dispatcher()
-    root.add_event_handler(handler)
-    yield handler.seen
-    root.event_handlers.remove(handler)
 
 
 def multiply(a: int, b: int) -> int:

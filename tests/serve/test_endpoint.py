@@ -29,7 +29,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 from langchain_core.messages import AIMessageChunk  # noqa: E402
 from langchain_core.outputs import ChatGenerationChunk  # noqa: E402
-from langchain_standard.support import trained_router  # noqa: E402
+from helpers.langchain_experts import trained_router  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from langchain_torouter import ChatRuleBased, ChatTORouter  # noqa: E402
@@ -37,7 +37,7 @@ from torouter.cli import app as cli_app  # noqa: E402
 from torouter_apps.serve import ConfigError, Limits, ServeConfig, build_chat_model, create_app, load_config  # noqa: E402
 from torouter.synthetic import EXPERTS  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERT_NAMES = list(EXPERTS)
 ADD_TOOL = {"type": "function", "function": {
     "name": "add", "description": "Add two numbers.",

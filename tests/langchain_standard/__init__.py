@@ -1,1 +1,0 @@
-"""LangChain integration tests: the ``langchain-tests`` standard suites and shared helpers."""
