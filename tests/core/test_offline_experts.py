@@ -1,8 +1,6 @@
-"""``torouter.offline``: the offline experts' rules, and the framework faces that only wrap them."""
+"""``torouter.offline``: the offline experts' rules, which the LangChain and LlamaIndex fakes only wrap."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
@@ -139,50 +137,3 @@ def test_react_prompts_get_react_steps():
     prompt += [{"role": "assistant", "content": step}, {"role": "user", "content": "Observation: 42.0"}]
     assert expert.reply(prompt).text.endswith("Answer: [code-7b] 42.0")
     assert OfflineExpert().react([{"role": "user", "content": "What is 6 multiplied by 7?"}]) is None
-
-
-# --- the faces delegate to the core -----------------------------------------------------------
-def test_langchain_fake_answers_with_the_core(monkeypatch):
-    from langchain_core.messages import HumanMessage, SystemMessage
-
-    from langchain_torouter import ChatRuleBased, RuleBasedFakeChatModel
-    from torouter import offline
-
-    assert issubclass(ChatRuleBased, RuleBasedFakeChatModel)
-    model = RuleBasedFakeChatModel(model="local")
-    messages = [SystemMessage("Lima is the capital of Peru."), HumanMessage("What is the capital of Peru?")]
-    prompt = [{"role": "system", "content": "Lima is the capital of Peru."},
-              {"role": "user", "content": "What is the capital of Peru?"}]
-    assert model.invoke(messages).content == OfflineExpert(name="local").answer(prompt)
-    monkeypatch.setattr(offline.OfflineExpert, "plain_answer", lambda self, prompt: "from the core")
-    assert model.invoke(messages).content == "from the core"
-
-
-def test_llamaindex_mocks_answer_with_the_core(monkeypatch):
-    pytest.importorskip("llama_index.core")
-    from llama_index.core.llms import ChatMessage, MessageRole
-    from llama_index.core.tools import FunctionTool
-
-    from llamaindex_torouter import (
-        ExtractiveLLM,
-        ExtractiveToolLLM,
-        RuleBasedMockFunctionCallingLLM,
-        RuleBasedMockLLM,
-    )
-    from torouter import offline
-
-    assert (ExtractiveLLM, ExtractiveToolLLM) == (RuleBasedMockLLM, RuleBasedMockFunctionCallingLLM)
-    assert RuleBasedMockLLM(name="med-7b").complete(RAG).text == OfflineExpert(name="med-7b", signed=True).answer(RAG)
-
-    def multiply(a: int, b: int) -> int:
-        """Multiply two integers."""
-        return a * b
-
-    llm = RuleBasedMockFunctionCallingLLM(name="code-7b")
-    response = llm.chat_with_tools([FunctionTool.from_defaults(multiply)], user_msg="What is 6 multiplied by 7?")
-    selection = llm.get_tool_calls_from_response(response)[0]
-    assert (selection.tool_name, selection.tool_kwargs) == ("multiply", {"a": 6, "b": 7})
-    monkeypatch.setattr(offline.OfflineExpert, "plain_answer", lambda self, prompt: "from the core")
-    chat = llm.chat([ChatMessage(role=MessageRole.USER, content="Why?")])
-    assert chat.message.content == "[code-7b] from the core"
-    assert json.loads(RuleBasedMockLLM(name="x").to_json())["class_name"] == "RuleBasedMockLLM"
