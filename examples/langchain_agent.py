@@ -9,7 +9,7 @@ The same experts and router, two ways:
    through the runtime context: ``agent.invoke(..., context={"cost_weight": 0})``.
 2. ``ChatTORouter`` as the agent's model: every model call is routed on its own.
 
-The experts are local ``ChatRuleBased`` models named after the synthetic experts;
+The experts are offline ``RuleBasedFakeChatModel`` models named after the synthetic experts;
 ``edge-small`` emulates a model without tool calling, so it never answers here. Runs
 offline in seconds.
 
@@ -27,7 +27,7 @@ from langchain.agents import create_agent  # noqa: E402
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage  # noqa: E402
 from langchain_core.tools import BaseTool, tool  # noqa: E402
 
-from langchain_torouter import ChatRuleBased, ChatTORouter, TORouterMiddleware  # noqa: E402
+from langchain_torouter import ChatTORouter, RuleBasedFakeChatModel, TORouterMiddleware  # noqa: E402
 from torouter import RoutingDataset, Router, load_router, make_router  # noqa: E402
 from torouter.synthetic import EXPERTS, make_synthetic  # noqa: E402
 
@@ -59,9 +59,9 @@ QUESTIONS = [
 ]
 
 
-def build_experts() -> dict[str, ChatRuleBased]:
+def build_experts() -> dict[str, RuleBasedFakeChatModel]:
     """One local expert per synthetic expert; ``edge-small`` cannot call tools."""
-    return {name: ChatRuleBased(model=name, tool_calling=name != "edge-small") for name in EXPERTS}
+    return {name: RuleBasedFakeChatModel(model=name, tool_calling=name != "edge-small") for name in EXPERTS}
 
 
 def build_router(path: str | None = None) -> Router:
@@ -71,13 +71,13 @@ def build_router(path: str | None = None) -> Router:
     return make_router("knn", k=5).fit(RoutingDataset(make_synthetic(240)))
 
 
-def middleware_agent(experts: dict[str, ChatRuleBased], router: Router, cost_weight: float):
+def middleware_agent(experts: dict[str, RuleBasedFakeChatModel], router: Router, cost_weight: float):
     """``create_agent`` with ``TORouterMiddleware``: the model given here is replaced on every call."""
     routing = TORouterMiddleware(experts=experts, router=router, cost_weight=cost_weight)
     return create_agent(experts["cloud-large"], tools=TOOLS, system_prompt=SYSTEM_PROMPT, middleware=[routing])
 
 
-def chat_model_agent(experts: dict[str, ChatRuleBased], router: Router, cost_weight: float):
+def chat_model_agent(experts: dict[str, RuleBasedFakeChatModel], router: Router, cost_weight: float):
     """``create_agent`` with ``ChatTORouter`` as its model: each model call is routed."""
     llm = ChatTORouter(experts=experts, router=router, cost_weight=cost_weight)
     return create_agent(llm, tools=TOOLS, system_prompt=SYSTEM_PROMPT)

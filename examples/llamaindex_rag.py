@@ -9,7 +9,7 @@ expert that gave it and the text the router read.
 Runs offline: documents are built in (or read from ``--docs DIR``), embeddings come from
 the locally installed MiniLM, the router is a k-NN router trained on torouter's
 synthetic routing data (or loaded with ``--router DIR``), and the four experts are the
-deterministic extractive LLMs from ``llamaindex_torouter.local_experts``, named after
+deterministic offline LLMs from ``llamaindex_torouter.mock_llms``, named after
 the synthetic experts. Swap in real LlamaIndex LLMs (same names) to use it for real.
 
     python examples/llamaindex_rag.py [--router runs/router] [--cost-weight 40] [question ...]
@@ -29,7 +29,12 @@ from llama_index.core import Document, Settings, SimpleDirectoryReader, VectorSt
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 
-from llamaindex_torouter import ExtractiveLLM, ExtractiveToolLLM, RoutingDecisionEvent, TORouterLLM  # noqa: E402
+from llamaindex_torouter import (  # noqa: E402
+    RoutingDecisionEvent,
+    RuleBasedMockFunctionCallingLLM,
+    RuleBasedMockLLM,
+    TORouterLLM,
+)
 
 DOCUMENTS = {
     "biomed.txt": (
@@ -105,10 +110,10 @@ def train_router():
 def local_experts() -> dict[str, Any]:
     """Offline stand-ins for the synthetic experts; the two larger ones can call tools."""
     return {
-        "edge-small": ExtractiveLLM(name="edge-small", context_window=2048),
-        "code-7b": ExtractiveToolLLM(name="code-7b", context_window=8192),
-        "med-7b": ExtractiveLLM(name="med-7b", context_window=8192),
-        "cloud-large": ExtractiveToolLLM(name="cloud-large", context_window=32768),
+        "edge-small": RuleBasedMockLLM(name="edge-small", context_window=2048),
+        "code-7b": RuleBasedMockFunctionCallingLLM(name="code-7b", context_window=8192),
+        "med-7b": RuleBasedMockLLM(name="med-7b", context_window=8192),
+        "cloud-large": RuleBasedMockFunctionCallingLLM(name="cloud-large", context_window=32768),
     }
 
 

@@ -5,15 +5,16 @@ model a trained TO-Router picks; ``TORouterMiddleware`` routes the model calls o
 LangChain v1 agent (``create_agent``) and ``TORouterDecisionModel`` drives LangChain's
 ``ModelRouterMiddleware``; ``route_on_input`` makes a chain route on one key of its
 input; ``TORouterRunnable`` routes among arbitrary runnables
-(whole sub-chains per domain). ``ChatRuleBased`` is a deterministic offline chat model
-for tests, examples and benchmarks. ``ChatManifestExpert`` serves the experts of a
-``torouter prepare`` manifest (local Hugging Face models included) as chat models.
+(whole sub-chains per domain). ``RuleBasedFakeChatModel`` is a deterministic offline chat
+model for tests, examples and benchmarks (``ChatRuleBased`` is its deprecated alias).
+``ChatManifestExpert`` serves the experts of a ``torouter prepare`` manifest (local Hugging Face models included) as chat models.
 ``messages_to_prompt`` and ``as_chunk`` convert LangChain messages and streamed items
 the way ``ChatTORouter`` does, for programs built on this adapter.
 """
 
 from ._routing import route_on_input
 from .chat_models import ChatTORouter
+from .fakes import RuleBasedFakeChatModel
 from .manifest import ChatManifestExpert
 from .decision_model import TORouterDecisionModel
 from .messages import as_chunk, messages_to_prompt
@@ -21,5 +22,6 @@ from .middleware import TORouterContext, TORouterMiddleware
 from .rule_based import ChatRuleBased
 from .runnables import TORouterRunnable
 
-__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "TORouterContext", "TORouterDecisionModel",
-           "TORouterMiddleware", "TORouterRunnable", "as_chunk", "messages_to_prompt", "route_on_input"]
+__all__ = ["ChatManifestExpert", "ChatRuleBased", "ChatTORouter", "RuleBasedFakeChatModel", "TORouterContext",
+           "TORouterDecisionModel", "TORouterMiddleware", "TORouterRunnable", "as_chunk", "messages_to_prompt",
+           "route_on_input"]
