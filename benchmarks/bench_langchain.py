@@ -1,6 +1,6 @@
 """Overhead of ``ChatTORouter`` over the experts it routes to, with instant local experts.
 
-Prints, for a k-NN router on the synthetic data and ``ChatRuleBased`` experts (which
+Prints, for a k-NN router on the synthetic data and ``RuleBasedFakeChatModel`` experts (which
 answer in microseconds, so what is measured is the adapter, not a model):
 
 * the router's own routing latency (``Controller.decide``: encoder + k-NN + policy);
@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from langchain_torouter import ChatRuleBased, ChatTORouter  # noqa: E402
+from langchain_torouter import RuleBasedFakeChatModel, ChatTORouter  # noqa: E402
 from torouter import RoutingDataset, make_router  # noqa: E402
 from torouter.synthetic import EXPERTS, make_synthetic  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     router = make_router("knn", k=5).fit(RoutingDataset(make_synthetic(240)))
     prompts = [r.prompt for r in make_synthetic(max(args.n, args.batch), seed=1)]
-    experts = {name: ChatRuleBased(model=name) for name in EXPERTS}
+    experts = {name: RuleBasedFakeChatModel(model=name) for name in EXPERTS}
     routed = ChatTORouter(experts=experts, router=router, cost_weight=args.cost_weight)
     instant = ChatTORouter(experts=experts, router=table_router(router, prompts), cost_weight=args.cost_weight)
     chosen = {p: d.expert for p, d in zip(prompts, routed.controller.decide_many(prompts))}
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     results["ChatTORouter.ainvoke, routing ~0"] = asyncio.run(async_latencies())
 
-    print(f"Latency over {len(sample)} prompts (router: k-NN on MiniLM, CPU; experts: ChatRuleBased)")
+    print(f"Latency over {len(sample)} prompts (router: k-NN on MiniLM, CPU; experts: RuleBasedFakeChatModel)")
     for name, values in results.items():
         print(f"  {name:36s} {summary(values)}")
     route_p50 = statistics.median(results["routing (Controller.decide)"])

@@ -137,7 +137,7 @@ def agent_cost(router, cost_weight: float, runs: int) -> None:
     from langchain.agents import create_agent
     from langchain_core.tools import tool
 
-    from langchain_torouter import ChatRuleBased, ChatTORouter
+    from langchain_torouter import RuleBasedFakeChatModel, ChatTORouter
 
     @tool
     def multiply(a: float, b: float) -> float:
@@ -155,7 +155,7 @@ def agent_cost(router, cost_weight: float, runs: int) -> None:
     print(f"  {'routing':28s} {'model calls/run':>16s} {'router passes/run':>18s} {'ms/run':>8s}")
     for label, sticky in (("every call (sticky=False)", False), ("sticky (default)", True)):
         counted = counting(router)
-        experts = {name: ChatRuleBased(model=name, tool_calling=name != "edge-small") for name in EXPERTS}
+        experts = {name: RuleBasedFakeChatModel(model=name, tool_calling=name != "edge-small") for name in EXPERTS}
         llm = ChatTORouter(experts=experts, router=counted, cost_weight=cost_weight, sticky=sticky)
         agent = create_agent(llm, tools=[multiply, drug_interactions])
         calls, start = 0, time.perf_counter()

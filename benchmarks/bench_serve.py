@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from langchain_core.outputs import ChatGenerationChunk  # noqa: E402
 
-from langchain_torouter import ChatRuleBased  # noqa: E402
+from langchain_torouter import RuleBasedFakeChatModel  # noqa: E402
 from torouter.synthetic import EXPERTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ print(json.dumps(latencies))
 """
 
 
-class BenchExpert(ChatRuleBased):
+class BenchExpert(RuleBasedFakeChatModel):
     """A rule-based expert that turns to ``fault`` while the file ``flag`` exists."""
 
     fault: Literal["raise", "hang", "slow"] = "slow"
@@ -229,7 +229,7 @@ async def run(base: str, pid: int, token: str, prompts: list[str], flag: Path, a
                                     f"first event p50 {np.percentile([f for _, f in results], 50):.1f} ms")
         wall, latencies, _ = await load(plain, args.sequential, 1)
         out["healthy_sequential"] = row("healthy, plain, one at a time", args.sequential, wall, latencies)
-        experts = {name: ChatRuleBased(model=name) for name in EXPERTS}
+        experts = {name: RuleBasedFakeChatModel(model=name) for name in EXPERTS}
 
         async def direct(i: int) -> None:
             await experts[chosen[i]].ainvoke([("user", prompts[i])])

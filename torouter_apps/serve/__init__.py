@@ -14,7 +14,7 @@ The server is configured by a YAML file (see ``examples/router.yaml``)::
 
     router: runs/router                # saved router directory, relative to this file
     experts:
-      edge-small: {class: "langchain_torouter:ChatRuleBased", kwargs: {model: edge-small}}
+      edge-small: {class: "langchain_torouter:RuleBasedFakeChatModel", kwargs: {model: edge-small}}
       cloud-large: {model: "openai:gpt-4o-mini", kwargs: {api_key: "${OPENAI_API_KEY}"}}
     cost_weight: 50
     auth: {token_env: TOROUTER_TOKEN}  # clients send "Authorization: Bearer <token>"
