@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,6 +21,7 @@ from torouter.credentials import Redactor, hide_secrets
 from torouter.prepare import ExpertBuildError
 from torouter.prepare import build_chat_model as build_expert_chat_model
 from torouter.routers import RouterFileError, load_router
+from torouter.routing_text import RouteOnMode
 
 DEFAULT_NAME = "torouter"
 """Model id that lets the router decide (a configured ``name`` is accepted as well)."""
@@ -149,7 +150,7 @@ class ServeConfig(_Strict):
 
     cost_weight: float = Field(0.0, ge=0.0)
     max_cost: float | None = Field(None, ge=0.0)
-    route_on: Literal["last_user", "conversation"] = "last_user"
+    route_on: RouteOnMode = "last_user"
     prices: dict[str, float] | None = None
     fallbacks: bool = True
     auth: AuthConfig | None = None
