@@ -280,8 +280,10 @@ class StaticBackend:
     def encode(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:
         vectors = self.model.encode(texts, max_length=self.max_length, batch_size=max(batch_size, 1024),
                                     use_multiprocessing=False)
-        # A prompt made only of tokens outside the vocabulary embeds to zeros.
-        return np.asarray(vectors, dtype=np.float32)
+        # The table is float16: normalise again in float32. A prompt made only of tokens
+        # outside the vocabulary embeds to zeros and stays so.
+        vectors = np.asarray(vectors, dtype=np.float32)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def count_truncated(self, texts: list[str]) -> int:
         lengths = [len(e.ids) for e in self._counting.encode_batch(texts, add_special_tokens=False)]
