@@ -107,7 +107,7 @@ def train(
     router = make_router(method, **given)
     try:
         router.fit(dataset)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # ImportError: a --backend whose packages are not installed
         _fail(str(exc))
     try:
         router.save(out)

@@ -293,8 +293,12 @@ class StaticBackend:
 @functools.lru_cache(maxsize=8)
 def load_backend(source: str, backend: str, keep: str = "head"):
     """The backend object for ``backend`` on the model at ``source`` (built on first use, loaded once)."""
-    if backend in ("onnx", "onnx-int8"):
-        return OnnxBackend(source, quantized=backend == "onnx-int8", keep=keep)
-    if backend == "static":
-        return StaticBackend(source, keep)
+    try:
+        if backend in ("onnx", "onnx-int8"):
+            return OnnxBackend(source, quantized=backend == "onnx-int8", keep=keep)
+        if backend == "static":
+            return StaticBackend(source, keep)
+    except ImportError as exc:
+        raise ImportError(f"the {backend!r} encoder backend needs torouter's 'fast' extra "
+                          f"(pip install 'torouter[fast]'): {exc}") from exc
     raise ValueError(f"no fast backend {backend!r}; choose onnx, onnx-int8 or static")

@@ -116,9 +116,9 @@ def cross_validated_errors(embeddings: np.ndarray, scores: np.ndarray, weights: 
         x_fit, y_fit = embeddings[fit], scores[fit]
         y_held = scores[held]
         observed = ~np.isnan(y_held)
-        with np.errstate(invalid="ignore"):
-            fallback = np.nanmean(np.where(np.isnan(y_fit), np.nan, y_fit), axis=0)
-        fallback = np.where(np.isnan(fallback), np.nanmean(y_fit), fallback)
+        # An expert never observed among a prompt's neighbours gets its mean over the fold, as in predict.
+        observed_fit = ~np.isnan(y_fit)
+        fallback = np.nan_to_num(y_fit).sum(axis=0) / np.maximum(observed_fit.sum(axis=0), 1)
         sims = embeddings[held] @ x_fit.T
         kmax = max(candidates)
         top = np.argpartition(-sims, kmax - 1, axis=1)[:, :kmax]
