@@ -17,8 +17,8 @@ loads it and routes one prompt.
 
 ``--quick`` routes a seeded sample of each test split (1,000 prompts) and times fewer
 prompts (100 single, a batch of 128); ``--latency-only`` skips the quality figures and
-fits the timed router on 500 training prompts. The ONNX export and the static distillation are built once into the torouter
-cache (``$TOROUTER_CACHE``) and reused by later runs.
+fits the timed router on 500 training prompts. The ONNX export and the static
+distillation are built once into the torouter cache (``$TOROUTER_CACHE``) and reused.
 """
 
 from __future__ import annotations
