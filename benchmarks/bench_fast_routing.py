@@ -91,11 +91,14 @@ def timed_routing(router, prompts: list[str], repeats: int, batch: int) -> dict:
             "batch_per_s": len(chunk) / batch_s}
 
 
+# VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across exec, so a probe started from this
+# (large) process would report this process's peak; VmHWM belongs to the probe's own memory.
 _MEMORY_PROBE = """
-import resource, sys
+import sys
 from torouter.routers import load_router
 load_router(sys.argv[1]).route(["How many legs does a spider have?"])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]))
 """
 
 
