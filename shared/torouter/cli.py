@@ -74,11 +74,14 @@ def train(
     out: Path = typer.Option(..., help="Directory to save the trained router in."),
     temperature: Optional[float] = typer.Option(None, help="Soft-label temperature T (mlp, bert; default 10)."),
     encoder: Optional[str] = typer.Option(None, help="Sentence encoder / BERT model id or path (default MiniLM)."),
-    k: Optional[int] = typer.Option(None, help="Neighbours for knn (default 1)."),
+    k: Optional[int] = typer.Option(None, help="Neighbours for knn (default: chosen by cross-validation)."),
     clusters: Optional[int] = typer.Option(None, help="k-means clusters for cluster (default 8)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (mlp, bert)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    backend: Optional[str] = typer.Option(
+        None, help="What runs the encoder (knn, cluster, mlp): sentence-transformers (default), onnx, onnx-int8 "
+                   "or static (model2vec, fastest); saved with the router."),
 ):
     """Fit a router on routing data and save it."""
     from .routers import get_router_class, make_router
@@ -89,7 +92,7 @@ def train(
     except ValueError as exc:
         _fail(str(exc))
     given = {"temperature": temperature, "encoder": encoder, "k": k, "n_clusters": clusters, "epochs": epochs,
-             "seed": seed, "device": device}
+             "seed": seed, "device": device, "backend": backend}
     given = {key: value for key, value in given.items() if value is not None}
     unused = sorted(set(given) - set(cls._param_names()))
     if unused:
@@ -100,11 +103,18 @@ def train(
         check_replaceable(out)
     except FileExistsError as exc:
         _fail(str(exc))
+    if backend is not None:
+        from .encoders import check_backend
+
+        try:
+            check_backend(backend)
+        except ValueError as exc:
+            _fail(str(exc))
     dataset = _load_dataset(data)
     router = make_router(method, **given)
     try:
         router.fit(dataset)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # ImportError: a --backend whose packages are not installed
         _fail(str(exc))
     try:
         router.save(out)

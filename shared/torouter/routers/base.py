@@ -341,29 +341,46 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 class EmbeddingRouter(Router):
-    """A router that reads prompts through a frozen sentence encoder (``encoder`` parameter)."""
+    """A router that reads prompts through a frozen sentence encoder (``encoder`` parameter).
+
+    ``backend`` says what runs that encoder (``torouter.encoders.BACKENDS``): chosen at
+    training time, saved with the router and used again when it is loaded, since the
+    backends' embeddings differ (the static backend's even in dimension).
+    """
 
     encoder: str
     device: str | None = None
+    backend: str = "sentence-transformers"
 
     def _encoder(self):
         from ..encoders import Encoder
 
+        backend = getattr(self, "backend", "sentence-transformers")
         cached = getattr(self, "_encoder_cache", None)
-        if cached is None or cached.model_name != self.encoder:
-            cached = self._encoder_cache = Encoder(self.encoder, device=getattr(self, "device", None))
+        if cached is None or cached.model_name != self.encoder or cached.backend != backend:
+            cached = self._encoder_cache = Encoder(self.encoder, device=getattr(self, "device", None),
+                                                   backend=backend)
         return cached
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         return self._encoder().encode(texts, show_progress=len(texts) >= 512)
 
     def _check_sources(self, directory: Path) -> None:
+        from ..encoders import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise RouterFileError(f"{directory / CONFIG_NAME}: params.backend {self.backend!r} is not an encoder "
+                                  f"backend; known: {list(BACKENDS)}")
         problem = encoder_problem(self.encoder)
         if problem is not None:
             raise RouterFileError(f"{directory}: encoder {self.encoder!r}: {problem}")
 
     def fit(self, dataset: RoutingDataset, embeddings: np.ndarray | None = None) -> Router:
-        """Fit; ``embeddings`` may pass the dataset's prompts already encoded with ``self.encoder``."""
+        """Fit; ``embeddings`` may pass the dataset's prompts already encoded with ``self.encoder``
+        on ``self.backend``."""
+        from ..encoders import check_backend
+
+        check_backend(self.backend)
         if embeddings is not None and len(embeddings) != len(dataset):
             raise ValueError(f"{len(embeddings)} embeddings for {len(dataset)} prompts")
         self._given_embeddings = embeddings

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..data import RoutingDataset
-from ..encoders import DEFAULT_ENCODER
+from ..encoders import DEFAULT_BACKEND, DEFAULT_ENCODER
 from .base import EmbeddingRouter
 
 
@@ -33,12 +33,13 @@ class ClusterRouter(EmbeddingRouter):
     method = "cluster"
 
     def __init__(self, n_clusters: int = 8, prior: float = 5.0, seed: int = 0, encoder: str = DEFAULT_ENCODER,
-                 device: str | None = None):
+                 device: str | None = None, backend: str = DEFAULT_BACKEND):
         self.n_clusters = n_clusters
         self.prior = prior
         self.seed = seed
         self.encoder = encoder
         self.device = device
+        self.backend = backend
 
     def _fit(self, dataset: RoutingDataset) -> None:
         if self.n_clusters < 1:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..data import RoutingDataset
-from ..encoders import DEFAULT_ENCODER
+from ..encoders import DEFAULT_BACKEND, DEFAULT_ENCODER
 from ..labels import DEFAULT_TEMPERATURE, fit_offset, quality_from_log_probs, soft_labels
 from ._training import pick_device, soft_label_loss
 from .base import EmbeddingRouter
@@ -32,7 +32,8 @@ class MLPRouter(EmbeddingRouter):
     # Defaults chosen by AIQ on a validation fifth of RouterBench's training split.
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, hidden: int = 256, dropout: float = 0.3,
                  epochs: int = 60, lr: float = 1e-3, weight_decay: float = 0.1, batch_size: int = 64,
-                 seed: int = 0, encoder: str = DEFAULT_ENCODER, device: str | None = None):
+                 seed: int = 0, encoder: str = DEFAULT_ENCODER, device: str | None = None,
+                 backend: str = DEFAULT_BACKEND):
         self.temperature = temperature
         self.hidden = hidden
         self.dropout = dropout
@@ -43,6 +44,7 @@ class MLPRouter(EmbeddingRouter):
         self.seed = seed
         self.encoder = encoder
         self.device = device
+        self.backend = backend
 
     def _fit(self, dataset: RoutingDataset) -> None:
         import torch
