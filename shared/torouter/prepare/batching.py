@@ -38,6 +38,8 @@ class Request:
     timeout_s: float | None = None
     """What the caller asked for (its error message says so); ``deadline`` enforces it."""
     future: Future = field(default_factory=Future)
+    arrived: float = 0.0
+    """When it reached the batcher (``time.monotonic()``)."""
 
     def given_up(self) -> bool:
         return self.cancel.is_set() or time.monotonic() > self.deadline
@@ -187,8 +189,8 @@ def batch_nll(model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) 
 class MicroBatcher:
     """Gathers requests from many threads into batches for one worker thread.
 
-    The worker takes whatever is waiting when it is free; when nothing is, it waits for
-    the first request, then at most ``max_wait_s`` for the batch to fill to ``max_size``.
+    When the worker is free it takes up to ``max_size`` waiting requests, waiting for the
+    batch to fill at most until the oldest of them has waited ``max_wait_s``.
     ``run_batch`` settles every request's future. A request given up on (its cancel set,
     its deadline passed) before its batch starts never runs; one given up during the batch
     ends its own row only.
@@ -214,6 +216,7 @@ class MicroBatcher:
         """The size of every batch run so far (for benchmarks and tests)."""
 
     def submit(self, request: Request) -> Future:
+        request.arrived = time.monotonic()
         with self._cond:
             self._waiting.append(request)
             if self._worker is None:
@@ -229,12 +232,13 @@ class MicroBatcher:
                 if not self._waiting:
                     self._worker = None
                     return None
-                deadline = time.monotonic() + self.max_wait_s
-                while len(self._waiting) < self.max_size:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+            # No request waits for batch-mates longer than max_wait_s after it arrived.
+            deadline = self._waiting[0].arrived + self.max_wait_s
+            while len(self._waiting) < self.max_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             batch = []
             while self._waiting and len(batch) < self.max_size:
                 request = self._waiting.popleft()
