@@ -242,10 +242,10 @@ class MicroBatcher:
             batch = []
             while self._waiting and len(batch) < self.max_size:
                 request = self._waiting.popleft()
-                if request.given_up():
+                if request.given_up():  # failed before its stream ends, so a stream sees why
+                    request.future.set_exception(self.on_expired(request))
                     if request.streamer is not None:
                         request.streamer.end()
-                    request.future.set_exception(self.on_expired(request))
                 else:
                     batch.append(request)
             return batch
