@@ -58,6 +58,7 @@ def generation(name: str, model: str, prompts: list[str], sizes: list[int], max_
     tokens = sum(a.output_tokens for a in expected)
     rows = [{"model": name, "batch": "one at a time", "seconds": base_s, "tokens_per_s": tokens / base_s,
              "speedup": 1.0, "equal": f"{len(prompts)}/{len(prompts)}"}]
+    print(f"  {name} one at a time: {tokens / base_s:.1f} tok/s", flush=True)
     for size in sizes:
         expert = make_expert(name, model, size, max_new_tokens, 50)
         answers, seconds = all_at_once(expert, prompts)
@@ -66,7 +67,8 @@ def generation(name: str, model: str, prompts: list[str], sizes: list[int], max_
         rows.append({"model": name, "batch": size, "seconds": seconds, "tokens_per_s": made / seconds,
                      "speedup": (made / seconds) / (tokens / base_s), "equal": f"{equal}/{len(prompts)}",
                      "batches": len(expert._batcher.batch_sizes)})
-        print(f"  {name} batch {size}: {made / seconds:.1f} tok/s, {equal}/{len(prompts)} equal", flush=True)
+        print(f"  {name} batch {size}: {made / seconds:.1f} tok/s ({rows[-1]['speedup']:.2f}x), "
+              f"{equal}/{len(prompts)} equal", flush=True)
     return rows
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_new = args.max_new_tokens or (24 if args.quick else 32)
     prompts = [p["prompt"] for p in demo_prompts()][:n]
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    clients = [int(c) for c in args.clients.split(",")]
+    clients = [int(c) for c in args.clients.split(",") if c]  # "" skips the clients part
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
     if unknown:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen_rows, client_rows = [], []
     for name in names:
         gen_rows += generation(name, MODELS[name], prompts, sizes, max_new)
-    for name in names[:1] if args.quick else names:
+    for name in (names[:1] if args.quick else names) if clients else []:
         client_rows += concurrent_clients(name, MODELS[name], prompts, clients, max_new)
 
     console = Console()
