@@ -72,6 +72,22 @@ def generation(name: str, model: str, prompts: list[str], sizes: list[int], max_
     return rows
 
 
+async def drive(chat, prompts: list[str], clients: int) -> tuple[float, list[float]]:
+    """``clients`` callers taking prompts from one queue until it is empty: wall time, latencies."""
+    queue, latencies = list(prompts), []
+
+    async def client() -> None:
+        while queue:
+            prompt = queue.pop()
+            start = time.perf_counter()
+            await chat.ainvoke(prompt)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - start, latencies
+
+
 def concurrent_clients(name: str, model: str, prompts: list[str], clients_list: list[int],
                        max_new_tokens: int) -> list[dict]:
     from langchain_torouter import ChatManifestExpert
@@ -80,22 +96,7 @@ def concurrent_clients(name: str, model: str, prompts: list[str], clients_list: 
     for batching, batch in (("off", 1), ("on", 16)):
         chat = ChatManifestExpert(make_expert(name, model, batch, max_new_tokens, 20))
         for clients in clients_list:
-            latencies: list[float] = []
-
-            async def client(queue: list[str]) -> None:
-                while queue:
-                    prompt = queue.pop()
-                    start = time.perf_counter()
-                    await chat.ainvoke(prompt)
-                    latencies.append(time.perf_counter() - start)
-
-            async def main() -> float:
-                queue = list(prompts)
-                start = time.perf_counter()
-                await asyncio.gather(*(client(queue) for _ in range(clients)))
-                return time.perf_counter() - start
-
-            wall = asyncio.run(main())
+            wall, latencies = asyncio.run(drive(chat, prompts, clients))
             latencies.sort()
             rows.append({"model": name, "micro_batching": batching, "clients": clients,
                          "requests_per_s": len(prompts) / wall, "p50_s": statistics.median(latencies),
