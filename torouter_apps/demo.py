@@ -62,6 +62,51 @@ def _router(method: str, train: RoutingDataset, data_hash: str, directory: Path,
     return router
 
 
+class PhaseTimer:
+    """Seconds spent in each phase of the demo, so a first run shows where its time goes.
+
+    Model loading (on first use the GGUF weights are dequantized, then a converted copy
+    is reused) is counted as its own phase, ``convert``, and taken out of the phase it
+    happened in.
+    """
+
+    PHASES = ("convert", "answer", "score", "train", "evaluate", "chain")
+
+    def __init__(self):
+        self.seconds = {phase: 0.0 for phase in self.PHASES}
+        from torouter.prepare.local import LOADS
+
+        self.first_use: list[str] = []
+        self._loads_seen = len(LOADS)  # loads before the demo started are not its own
+
+    def model_loading(self) -> float:
+        """Seconds of model loads since the last call (``torouter.prepare.local.LOADS``)."""
+        from torouter.prepare.local import LOADS
+
+        new = LOADS[self._loads_seen:]
+        self._loads_seen = len(LOADS)
+        self.first_use += [f"{Path(load.source).name} dequantized in {load.seconds:.1f}s"
+                           for load in new if load.converted]
+        seconds = sum(load.seconds for load in new)
+        self.seconds["convert"] += seconds
+        return seconds
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += max(0.0, seconds - self.model_loading())
+
+    def table(self, total: float):
+        from rich.table import Table
+
+        table = Table(title="demo time by phase")
+        table.add_column("phase")
+        table.add_column("seconds", justify="right")
+        table.add_column("share", justify="right")
+        for phase, seconds in self.seconds.items():
+            table.add_row(phase, f"{seconds:.1f}", f"{seconds / total:.0%}" if total else "-")
+        table.add_row("total", f"{total:.1f}", "100%")
+        return table
+
+
 def run_demo(out: str | Path = "runs/demo", bert_epochs: int = 6, questions: list[str] | None = None,
              console=None) -> dict[str, Any]:
     """Run the demo end to end; returns the evaluation reports and the chain's answers."""
@@ -75,11 +120,19 @@ def run_demo(out: str | Path = "runs/demo", bert_epochs: int = 6, questions: lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    timer = PhaseTimer()
     manifest = load_manifest(DEMO_EXPERTS)
 
     console.print(Rule("1. data preparation: every prompt to every expert, answers scored with BERTScore"))
     prompts = demo_prompts()
+    phase = time.perf_counter()
     summary = prepare(manifest, prompts, out / "data.jsonl", score="bertscore", cache=out / "calls.sqlite")
+    prepare_s = time.perf_counter() - phase
+    # The runner's own time leaves out the model loading before it; the rest is scoring.
+    timer.add("score", prepare_s - summary.run.elapsed_s)
+    timer.seconds["answer"] += summary.run.elapsed_s
+    for note in timer.first_use:
+        console.print(f"first use: {note} (kept converted in the cache for later runs)")
     console.print(f"{summary.records} prompts x {len(manifest.experts)} experts "
                   f"({summary.cached_calls} calls from the cache) -> {summary.out}")
     for problem in summary.problems:
@@ -89,6 +142,7 @@ def run_demo(out: str | Path = "runs/demo", bert_epochs: int = 6, questions: lis
     data = RoutingDataset.from_jsonl(out / "data.jsonl")
     train, test = data.split(0.25, seed=0)
     data_hash = _sha256(out / "data.jsonl")
+    phase = time.perf_counter()
     console.print(f"{len(train)} training prompts, {len(test)} held out")
     routers = {
         "mlp": _router("mlp", train, data_hash, out / "routers" / "mlp", console, temperature=10.0),
@@ -96,7 +150,10 @@ def run_demo(out: str | Path = "runs/demo", bert_epochs: int = 6, questions: lis
                         epochs=bert_epochs, batch_size=8, lr=1e-4, max_length=128),
     }
 
+    timer.add("train", time.perf_counter() - phase)
+
     console.print(Rule("3. evaluation on the held-out prompts"))
+    phase = time.perf_counter()
     reports = {}
     for method, router in routers.items():
         report = ev.evaluate(router, test)
@@ -112,11 +169,18 @@ def run_demo(out: str | Path = "runs/demo", bert_epochs: int = 6, questions: lis
     console.print(f"reports: {out}/eval_mlp.json, eval_bert.json, edge_to_cloud.json; "
                   f"plots: {out}/cost_quality_mlp.png, cost_quality_bert.png")
 
+    timer.add("evaluate", time.perf_counter() - phase)
+
     console.print(Rule("4. a LangChain chain on ChatTORouter answering new questions"))
+    phase = time.perf_counter()
     answers = answer_with_chain(routers["mlp"], manifest, questions or NEW_QUESTIONS, console)
+    timer.add("chain", time.perf_counter() - phase)
     elapsed = time.perf_counter() - start
-    console.print(f"\ndemo finished in {elapsed:.0f}s; everything is in {out}/")
-    return {"reports": reports, "edge_to_cloud": edge_report, "answers": answers, "seconds": elapsed}
+    console.print()
+    console.print(timer.table(elapsed))
+    console.print(f"demo finished in {elapsed:.0f}s; everything is in {out}/")
+    return {"reports": reports, "edge_to_cloud": edge_report, "answers": answers, "seconds": elapsed,
+            "phases": dict(timer.seconds)}
 
 
 def answer_with_chain(router, manifest, questions: list[str], console) -> list[dict[str, Any]]:

