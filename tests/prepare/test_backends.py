@@ -67,8 +67,9 @@ def test_builtin_backends_build_their_experts():
     assert [type(e).__name__ for e in experts] == ["LangChainExpert", "PythonExpert", "HuggingFaceExpert"]
     assert [e.kind for e in experts] == ["langchain", "python", "huggingface"]
     assert get_backend("huggingface") is type(experts[2])  # imported on first use, then held
-    # Backend defaults where the manifest sets none: local models one call at a time, no retries.
-    assert [(e.concurrency, e.timeout_s, e.retries) for e in experts] == [(8, 120.0, 5), (8, 120.0, 5), (1, 600.0, 0)]
+    # Backend defaults where the manifest sets none: local models answer up to 8 concurrent calls as
+    # one batch (TOROUTER_LOCAL_BATCH_SIZE), with a long timeout and no retries.
+    assert [(e.concurrency, e.timeout_s, e.retries) for e in experts] == [(8, 120.0, 5), (8, 120.0, 5), (8, 600.0, 0)]
 
 
 def test_an_unknown_backend_is_a_clear_error_listing_the_known_ones():
