@@ -43,7 +43,7 @@ experts:
                      ("fake", "langchain", "cloud"), ("li", "llamaindex", "cloud")]
     assert manifest.experts[1].langchain.model == "openai:gpt-4o-mini"
     experts = [build_expert(s) for s in manifest.experts]
-    assert [e.concurrency for e in experts] == [1, 8, 8, 8]      # local models run one call at a time
+    assert [e.concurrency for e in experts] == [8, 8, 8, 8]      # a local model batches up to 8 concurrent calls
     assert experts[0].needs_reference and not experts[1].needs_reference
     assert experts[0].cost({"input_tokens": 1_000_000, "output_tokens": 500_000}) == pytest.approx(0.04)
     assert experts[1].cost({"input_tokens": 10, "output_tokens": 10}) == pytest.approx(0.001)
