@@ -158,7 +158,6 @@ class BaseTORouter(BaseModel):
             forced, cost_weight, max_cost = split_options(dict(kwargs))
             prompts = [self._routing_prompt(x) for x in inputs]
             options = self._options(forced or self._forced_model, cost_weight, max_cost)
-            self.controller.eligible(options["expert"], options["allowed"], options["unable"])
         except (ValueError, TypeError):
             return None  # a bad input or option: each request routes (and fails) inside its own run
         return {"prompts": prompts, **options}
@@ -168,7 +167,7 @@ class BaseTORouter(BaseModel):
         try:
             return None if request is None else self.controller.decide_many(**request)
         except ValueError:
-            return None  # e.g. a bad cost option: it fails inside each request's own run
+            return None  # e.g. no eligible expert or a bad cost option: it fails inside each request's own run
 
     async def _adecide_batch(self, inputs: Sequence[Any], kwargs: dict[str, Any]) -> list[Decision] | None:
         request = self._batch_request(inputs, kwargs)

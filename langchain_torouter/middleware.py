@@ -204,8 +204,7 @@ class TORouterMiddleware(AgentMiddleware[TORouterState, Any]):
     def _plan(self, request: ModelRequest) -> _Plan:
         """What this call may use: eligible experts, the run's options, and the decision to reuse."""
         cost_weight, max_cost = self._run_options(request)
-        _, unable = self.eligible_experts(request)
-        eligible = self._controller.eligible(unable=unable) or list(self._controller.experts)
+        eligible = self._controller.eligible(unable=self._unable(request)) or list(self._controller.experts)
         messages: list[BaseMessage] = list(request.messages)
         if request.system_message is not None:
             messages.insert(0, request.system_message)
@@ -231,17 +230,23 @@ class TORouterMiddleware(AgentMiddleware[TORouterState, Any]):
         return cost_weight, max_cost
 
     def eligible_experts(self, request: ModelRequest) -> tuple[list[str], dict[str, str]]:
-        """Experts that can take ``request``'s tools and response format, and why the others cannot
-        (the core's ``Controller.eligible`` makes the decision from the reasons)."""
+        """Experts that can take ``request``'s tools and response format, and why the others cannot."""
+        unable = self._unable(request)
+        return [name for name in self._controller.experts if name not in unable], unable
+
+    def _unable(self, request: ModelRequest) -> dict[str, str]:
+        """Why each expert that cannot take ``request``'s tools or response format cannot (the core's
+        ``Controller.eligible`` decides from these)."""
         tools = list(request.tools or [])
         fmt = request.response_format
+        if not tools and fmt is None:
+            return {}
         unable: dict[str, str] = {}
-        if tools or fmt is not None:
-            for name, expert in self.experts.items():
-                reason = _cannot_take(expert, tools, fmt, request.tool_choice)
-                if reason is not None:
-                    unable[name] = reason
-        return [name for name in self._controller.experts if name not in unable], unable
+        for name, expert in self.experts.items():
+            reason = _cannot_take(expert, tools, fmt, request.tool_choice)
+            if reason is not None:
+                unable[name] = reason
+        return unable
 
     def _answer(self, plan: _Plan, name: str, response: ModelResponse,
                 failures: Mapping[str, BaseException]) -> ExtendedModelResponse:

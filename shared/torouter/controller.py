@@ -148,7 +148,8 @@ class Controller:
         unable = dict(unable or {})
         unknown = (allowed_set or set()) - set(names)
         if unknown:
-            raise IneligibleRequest(f"unknown experts {sorted(unknown)} in allowed: unknown to the router, which knows {names}")
+            raise IneligibleRequest(f"unknown experts {sorted(unknown)} in allowed: unknown to the router, "
+                                    f"which knows {names}")
         unknown = set(unable) - set(names)
         if unknown:
             raise IneligibleRequest(f"unknown experts {sorted(unknown)} marked unable; the router knows {names}")
@@ -196,17 +197,18 @@ class Controller:
         if not texts:
             return []
         pool_key = None if pool is None else tuple(pool)
+        keys = [(text, weight, budget, pool_key) for text in texts]
         decisions: list[Decision | None] = [None] * len(texts)
         todo = list(range(len(texts)))
         if self.cache_size:
             todo = []
             with self._lock:
-                for i, text in enumerate(texts):
-                    cached = self._decisions.get((text, weight, budget, pool_key))
+                for i, (text, key) in enumerate(zip(texts, keys)):
+                    cached = self._decisions.get(key)
                     if cached is None:
                         todo.append(i)
                     else:
-                        self._decisions.move_to_end((text, weight, budget, pool_key))
+                        self._decisions.move_to_end(key)
                         if text in self._cache:  # keep both caches' recency in step
                             self._cache.move_to_end(text)
                         self.cache_hits += 1
@@ -218,7 +220,7 @@ class Controller:
             if self.cache_size:
                 with self._lock:
                     for i in todo:
-                        self._decisions[(texts[i], weight, budget, pool_key)] = _copy(decisions[i])  # type: ignore[arg-type]
+                        self._decisions[keys[i]] = _copy(decisions[i])  # type: ignore[arg-type]
                         while len(self._decisions) > self.cache_size:
                             self._decisions.popitem(last=False)
         return decisions  # type: ignore[return-value]
