@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .paths import cache_dir
+
 log = logging.getLogger("torouter")
 
 ONNX_FILE = "model.onnx"
@@ -44,14 +46,6 @@ STATIC_DIR = "static"
 BUILD_VERSION = 1  # bump when a build changes what it writes
 STATIC_MAX_TOKENS = 512  # tokens of a prompt the static model reads (model2vec's default)
 STATIC_PCA_DIMS = 256  # model2vec's default; the 384 MiniLM dimensions reduced by PCA
-
-
-def cache_root() -> Path:
-    """Where torouter keeps files it derives from installed packages (``$TOROUTER_CACHE``)."""
-    if os.environ.get("TOROUTER_CACHE"):
-        return Path(os.environ["TOROUTER_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "torouter"
 
 
 def model_folder(source: str) -> Path:
@@ -78,7 +72,7 @@ def artefact_dir(source: str) -> Path:
     fingerprint = hashlib.sha256(
         f"{folder}|{weights.st_size}|{weights.st_mtime_ns}|{BUILD_VERSION}".encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name if folder.name != "model" else folder.parent.name)
-    return cache_root() / "encoders" / f"{slug}-{fingerprint}"
+    return cache_dir() / "encoders" / f"{slug}-{fingerprint}"
 
 
 def _publish(build, target: Path) -> Path:

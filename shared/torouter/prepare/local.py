@@ -31,6 +31,7 @@ from typing import Any
 
 from ..data import Prompt, prompt_text
 from ..encoders import default_device
+from ..paths import cache_dir
 from .base import Answer, Expert, cut_at_stop, to_messages
 from .manifest import ManifestError
 
@@ -45,14 +46,6 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
 _MODELS: dict[tuple, tuple[Any, Any]] = {}
 _MODELS_LOCK = threading.Lock()
-
-
-def cache_dir() -> Path:
-    """Where torouter keeps files it derives from installed packages (``$TOROUTER_CACHE``)."""
-    if os.environ.get("TOROUTER_CACHE"):
-        return Path(os.environ["TOROUTER_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "torouter"
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
