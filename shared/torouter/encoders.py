@@ -81,10 +81,12 @@ class Encoder:
 
     ``backend`` says what runs the model (see ``BACKENDS``); every backend but
     ``sentence-transformers`` is built on first use from the same local model.
+    ``max_tokens`` is the static backend's token budget (None: its default); the other
+    backends read what the model reads.
     """
 
     def __init__(self, model: str | None = None, device: str | None = None, batch_size: int = 64,
-                 keep: str = "head", backend: str = DEFAULT_BACKEND):
+                 keep: str = "head", backend: str = DEFAULT_BACKEND, max_tokens: int | None = None):
         if keep not in TRUNCATE:
             raise ValueError(f"keep must be one of {TRUNCATE}, not {keep!r}")
         check_backend(backend)
@@ -93,13 +95,18 @@ class Encoder:
         self.batch_size = batch_size
         self.keep = keep
         self.backend = backend
+        self.max_tokens: int | None = None
+        if backend == "static":
+            from .encoder_backends import STATIC_MAX_TOKENS
+
+            self.max_tokens = max_tokens or STATIC_MAX_TOKENS
 
     @property
     def model(self):
         if self.backend != DEFAULT_BACKEND:
             from .encoder_backends import load_backend
 
-            return load_backend(resolve_model(self.model_name), self.backend, self.keep)
+            return load_backend(resolve_model(self.model_name), self.backend, self.keep, self.max_tokens)
         return _load_sentence_transformer(resolve_model(self.model_name), self.device)
 
     @property

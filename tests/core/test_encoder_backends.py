@@ -160,6 +160,30 @@ def test_router_records_its_backend_and_reloads_with_it(cache, data, tmp_path, b
     assert router._encoder().encode(PROMPTS[:1]).shape == (1, dim)
 
 
+def test_static_token_budget_is_the_default_and_cuts_long_prompts(cache):
+    long = " ".join(["spider"] * 40 + ["python"] * 400)
+    short = Encoder(backend="static", max_tokens=16)
+    assert Encoder(backend="static").max_length == encoder_backends.STATIC_MAX_TOKENS
+    assert short.max_length == 16 and short.count_truncated([long, "two words"]) == 1
+    # Only the first 16 tokens count: what follows them changes nothing.
+    np.testing.assert_allclose(short.encode([long]), short.encode([" ".join(["spider"] * 40)]), atol=1e-6)
+    assert not np.allclose(Encoder(backend="static", max_tokens=512).encode([long]), short.encode([long]))
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+        Encoder(backend="static", max_tokens=-1).encode(["x"])
+
+
+def test_a_static_router_keeps_the_token_budget_it_was_trained_with(cache, data, tmp_path, monkeypatch):
+    router = make_router("knn", k=3, backend="static").fit(data)
+    assert router.fit_info_["encoder_max_length"] == encoder_backends.STATIC_MAX_TOKENS
+    path = router.save(tmp_path / "r")
+    monkeypatch.setattr(encoder_backends, "STATIC_MAX_TOKENS", 4)  # a later release reads fewer tokens
+    loaded = load_router(path)
+    assert loaded._encoder().max_length == router.fit_info_["encoder_max_length"]
+    long = [" ".join(PROMPTS * 20)]
+    np.testing.assert_allclose(loaded.predict(long), router.predict(long), rtol=1e-6)
+    assert make_router("knn", k=3, backend="static").fit(data)._encoder().max_length == 4
+
+
 def test_a_saved_router_with_an_unknown_backend_is_refused_at_load(cache, data, tmp_path):
     path = make_router("knn", k=3, backend="static").fit(data).save(tmp_path / "r")
     config = json.loads((path / CONFIG_NAME).read_text())

@@ -345,7 +345,10 @@ class EmbeddingRouter(Router):
 
     ``backend`` says what runs that encoder (``torouter.encoders.BACKENDS``): chosen at
     training time, saved with the router and used again when it is loaded, since the
-    backends' embeddings differ (the static backend's even in dimension).
+    backends' embeddings differ (the static backend's even in dimension). A fitted router
+    also keeps the static backend's token budget it was trained with
+    (``fit_info_["encoder_max_length"]``), so a later change of the default does not change
+    what it reads.
     """
 
     encoder: str
@@ -356,10 +359,13 @@ class EmbeddingRouter(Router):
         from ..encoders import Encoder
 
         backend = getattr(self, "backend", "sentence-transformers")
+        trained = getattr(self, "fit_info_", {}).get("encoder_max_length")
+        max_tokens = trained if backend == "static" and isinstance(trained, int) else None
         cached = getattr(self, "_encoder_cache", None)
-        if cached is None or cached.model_name != self.encoder or cached.backend != backend:
+        if (cached is None or cached.model_name != self.encoder or cached.backend != backend
+                or (max_tokens is not None and cached.max_tokens != max_tokens)):
             cached = self._encoder_cache = Encoder(self.encoder, device=getattr(self, "device", None),
-                                                   backend=backend)
+                                                   backend=backend, max_tokens=max_tokens)
         return cached
 
     def _embed(self, texts: list[str]) -> np.ndarray:
