@@ -128,6 +128,45 @@ def test_batched_answers_equal_one_at_a_time(models, model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", [SMOLLM2, GEMMA3])
+def test_batches_decode_as_transformers_generate_and_read_references_as_a_full_pass(models, model):
+    """The reference: transformers' own ``generate`` and a forward pass over prompt + reference."""
+    import torch
+
+    from torouter.prepare.batching import batch_nll, generate_batch
+
+    expert = _expert(model, 1)
+    config = expert._generation_config()
+    criteria = expert._row_stop_criteria(config)
+    requests = [Request(prompt_ids=expert.encode_prompt(p), reference_ids=expert._reference_ids(r))
+                for p, r in zip(PROMPTS, REFERENCES)]
+    rows = generate_batch(expert.model, requests, config, criteria, config.pad_token_id)
+    for request, row in zip(requests, rows):
+        ids = torch.tensor([request.prompt_ids])
+        with torch.inference_mode():
+            out = expert.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                        stopping_criteria=criteria)
+        assert row.new_tokens == out[0, ids.shape[1]:].tolist()
+        want = batch_nll(expert.model, [(request.prompt_ids, request.reference_ids)], config.pad_token_id)[0]
+        assert row.nll == pytest.approx(want, abs=1e-4)
+
+
+def test_local_models_share_the_cpu_cores(monkeypatch):
+    monkeypatch.delenv("TOROUTER_LOCAL_THREADS", raising=False)
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(local, "_MODELS", {("a", None, "auto", "cpu"): None})
+    assert local.cpu_threads() == 8
+    monkeypatch.setattr(local, "_MODELS", {("a", None, "auto", "cpu"): None, ("b", None, "auto", "cpu"): None,
+                                           ("c", None, "auto", "cuda"): None})
+    assert local.cpu_threads() == 4  # two CPU models: half the cores each; the GPU model takes none
+    monkeypatch.setenv("TOROUTER_LOCAL_THREADS", "3")
+    assert local.cpu_threads() == 3
+    monkeypatch.setenv("TOROUTER_LOCAL_THREADS", "0")
+    with pytest.raises(local.ManifestError, match="TOROUTER_LOCAL_THREADS must be >= 1"):
+        local.cpu_threads()
+
+
+@pytest.mark.slow
 def test_stop_sequences_end_each_row_on_its_own(models):
     alone = _expert(SMOLLM2, 1, stop=[" is", "."], max_new_tokens=16)
     expected = [alone.generate(p, None, timeout_s=300) for p in PROMPTS]

@@ -5,14 +5,16 @@ A small causal LM on a CPU spends most of a decoding step moving its weights thr
 memory, not multiplying; eight rows cost little more than one. So every caller of a
 local expert (the ``prepare`` runner's workers, ``ChatManifestExpert``, the endpoint's
 request threads) still asks for one answer, and ``MicroBatcher`` puts the requests that
-arrive within a short, bounded wait into one left-padded ``generate`` call. Each row keeps
-its own stop sequences, deadline and cancellation: a row that ends or gives up stops
-there while its batch-mates go on, and a streamed row receives its tokens as they are made.
+arrive within a short, bounded wait into one left-padded batch (``generate_batch``). Each
+row keeps its own stop sequences, deadline and cancellation: a row that ends or gives up
+leaves the batch at once while its batch-mates go on, and a streamed row receives its
+tokens as they are made. The reference NLL reuses the prompt's key/value cache.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,60 +56,6 @@ class RowResult:
     nll: float | None = None
 
 
-def _row_tracker(requests: Sequence[Request], width: int, stop_criteria: Sequence[Any], start: float,
-                 give_up_error: Callable[[Request], BaseException]):
-    """A stopping criterion for the whole batch that records where and when each row ended.
-
-    A row given up on fails its request at once (a waiting stream learns it before its
-    batch-mates finish).
-    """
-    import torch
-    from transformers import StoppingCriteria
-
-    class RowTracker(StoppingCriteria):
-        def __init__(self):
-            self.ended_at: list[int | None] = [None] * len(requests)
-            self.latency: list[float] = [0.0] * len(requests)
-            self.timed_out = [False] * len(requests)
-
-        def finish(self, row: int, made: int, timed_out: bool = False) -> None:
-            self.ended_at[row] = made
-            self.latency[row] = time.perf_counter() - start
-            self.timed_out[row] = timed_out
-            request = requests[row]
-            if timed_out and not request.future.done():
-                request.future.set_exception(give_up_error(request))
-            if request.streamer is not None:
-                request.streamer.end()
-
-        def __call__(self, input_ids, scores, **kwargs):
-            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for criterion in stop_criteria:
-                done |= criterion(input_ids, scores)
-            made = input_ids.shape[1] - width
-            newest = input_ids[:, -1:].cpu()
-            for row, request in enumerate(requests):
-                if self.ended_at[row] is not None:
-                    done[row] = True
-                    continue
-                if request.streamer is not None:
-                    request.streamer.put(newest[row])
-                if done[row]:
-                    self.finish(row, made)
-                elif request.given_up():
-                    self.finish(row, made, timed_out=True)
-                    done[row] = True
-            return done
-
-        def close(self, made: int) -> None:
-            """Rows still running when ``generate`` returned reached ``max_new_tokens``."""
-            for row in range(len(requests)):
-                if self.ended_at[row] is None:
-                    self.finish(row, made)
-
-    return RowTracker()
-
-
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any):
     """``(input_ids, attention_mask)`` with every row aligned at its end."""
     import torch
@@ -122,35 +70,200 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any):
     return ids.to(device), mask.to(device)
 
 
+class _Rows:
+    """The rows of one batch as they end: their tokens, when they ended and why."""
+
+    def __init__(self, requests: Sequence[Request], start: float,
+                 give_up_error: Callable[[Request], BaseException]):
+        self.requests = requests
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.latency = [0.0] * len(requests)
+        self.timed_out = [False] * len(requests)
+        self.start = start
+        self.give_up_error = give_up_error
+
+    def add(self, row: int, token: int) -> None:
+        import torch
+
+        self.tokens[row].append(token)
+        streamer = self.requests[row].streamer
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+
+    def finish(self, row: int, timed_out: bool = False) -> None:
+        """End a row; one given up on fails its request at once (a waiting stream learns it now)."""
+        self.latency[row] = time.perf_counter() - self.start
+        self.timed_out[row] = timed_out
+        request = self.requests[row]
+        if timed_out and not request.future.done():
+            request.future.set_exception(self.give_up_error(request))
+        if request.streamer is not None:
+            request.streamer.end()
+
+    def results(self) -> list[RowResult]:
+        return [RowResult(new_tokens=tokens, latency_s=latency, timed_out=timed_out)
+                for tokens, latency, timed_out in zip(self.tokens, self.latency, self.timed_out)]
+
+
+def _next_tokens(logits, seqs, generation_config):
+    """Greedy argmax, or a sample after temperature and top-p when the config samples."""
+    import torch
+
+    if not generation_config.do_sample:
+        return logits.argmax(-1)
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    if generation_config.temperature:
+        logits = TemperatureLogitsWarper(generation_config.temperature)(seqs, logits)
+    if generation_config.top_p is not None and generation_config.top_p < 1.0:
+        logits = TopPLogitsWarper(generation_config.top_p)(seqs, logits)
+    return torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
+
+
 def generate_batch(model, requests: Sequence[Request], generation_config, stop_criteria: Sequence[Any],
                    pad_id: int, give_up_error: Callable[[Request], BaseException] = lambda r: TimeoutError(
                        "given up during generation")) -> list[RowResult]:
-    """Greedy (or sampled) generation for every request in one left-padded ``generate`` call.
+    """Generate for every request in one left-padded batch, dropping each row as it ends.
 
-    ``stop_criteria`` (end-of-sequence, stop strings) end rows one by one; their tokens
-    are the row's up to and including the one that ended it, as one-at-a-time decoding
-    returns them.
+    One forward pass reads every prompt into a key/value cache; then each step decodes
+    one token for the rows still running. A row ends at end-of-sequence, at one of
+    ``stop_criteria`` (its tokens are those up to and including the one that ended it,
+    as one-at-a-time decoding returns them), at ``max_new_tokens``, or when its request
+    is given up on; its cache rows are dropped at once, so a finished answer no longer
+    costs compute while its batch-mates go on (``transformers``' ``generate`` computes
+    every row until the last one ends). Greedy decoding takes the argmax of the model's
+    logits, as ``generate`` does under the same config.
+
+    Requests with ``reference_ids`` get their mean reference NLL (``RowResult.nll``)
+    from the same prompt cache, so the prompt is read once for both.
     """
     import torch
 
     ids, mask = left_pad([r.prompt_ids for r in requests], pad_id, model.device)
-    width = ids.shape[1]
-    start = time.perf_counter()
-    tracker = _row_tracker(requests, width, stop_criteria, start, give_up_error)
+    rows = _Rows(requests, time.perf_counter(), give_up_error)
+    scored = [i for i, r in enumerate(requests) if r.reference_ids]
+    max_new = int(generation_config.max_new_tokens)
     try:
         with torch.inference_mode():
-            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config,
-                                    stopping_criteria=[tracker])
+            cache = _new_cache(model)
+            cached = _cache_argument(model)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{cached: cache})
+            logits = out.logits[:, -1, :].float()
+            # Kept for the reference NLL: the prompt cache of the rows with a reference, and
+            # the prompt's last logits, which predict the reference's first token.
+            nll_state = ((copy.deepcopy(cache), logits[scored].clone(), mask[scored], positions[scored, -1])
+                         if scored else None)
+            active = list(range(len(requests)))
+            seqs, next_position = ids, positions[:, -1] + 1
+            for made in range(1, max_new + 1):
+                tokens = _next_tokens(logits, seqs, generation_config)
+                seqs = torch.cat([seqs, tokens[:, None]], dim=-1)
+                done = torch.zeros(len(active), dtype=torch.bool, device=seqs.device)
+                for criterion in stop_criteria:
+                    done |= criterion(seqs, logits)
+                keep = []
+                for j, row in enumerate(active):
+                    rows.add(row, int(tokens[j]))
+                    if done[j] or made == max_new:
+                        rows.finish(row)
+                    elif requests[row].given_up():
+                        rows.finish(row, timed_out=True)
+                    else:
+                        keep.append(j)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=seqs.device)
+                    cache.batch_select_indices(index)
+                    mask, seqs, tokens, next_position = mask[index], seqs[index], tokens[index], next_position[index]
+                    active = [active[j] for j in keep]
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+                out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                            use_cache=True, logits_to_keep=1, **{cached: cache})
+                logits = out.logits[:, -1, :].float()
+                next_position = next_position + 1
     except BaseException as exc:
-        for request in requests:  # failed before the streams end, so a stream sees the error
+        for row, request in enumerate(requests):  # failed before the streams end, so a stream sees the error
             if not request.future.done():
                 request.future.set_exception(exc)
-        tracker.close(0)
+            if request.streamer is not None and not rows.latency[row]:
+                request.streamer.end()
         raise
-    tracker.close(output.shape[1] - width)
-    return [RowResult(new_tokens=output[row, width:width + tracker.ended_at[row]].tolist(),
-                      latency_s=tracker.latency[row], timed_out=tracker.timed_out[row])
-            for row in range(len(requests))]
+    results = rows.results()
+    if nll_state is not None:
+        live = [k for k, i in enumerate(scored) if not results[i].timed_out]
+        nlls = _continuation_nll(model, nll_state, [requests[scored[k]].reference_ids for k in live], live, pad_id)
+        for k, nll in zip(live, nlls):
+            results[scored[k]].nll = nll
+    return results
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _cache_argument(model) -> str:
+    """The name ``forward`` takes the key/value cache under (``cache`` in newer transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _continuation_nll(model, nll_state, references: list[list[int]], rows: list[int], pad_id: int) -> list[float]:
+    """Mean NLL per token of each reference read after its prompt, from the prompt's cache.
+
+    ``rows`` index the cached prompts. References are right-padded after their prompt
+    (a padded tail is never attended to by the tokens before it); as many rows go into
+    one forward pass as ``NLL_LOGIT_BUDGET`` allows.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cache, first_logits, prompt_mask, last_position = nll_state
+    vocab = first_logits.shape[-1]
+    out: list[float] = []
+    i = 0
+    with torch.inference_mode():
+        while i < len(rows):
+            chunk = [i]
+            width = len(references[i])
+            while i + len(chunk) < len(rows):
+                wider = max(width, len(references[i + len(chunk)]))
+                if (len(chunk) + 1) * wider * vocab > NLL_LOGIT_BUDGET:
+                    break
+                chunk.append(i + len(chunk))
+                width = wider
+            picked = [rows[k] for k in chunk]
+            refs = [references[k] for k in chunk]
+            logits = None
+            if width > 1:  # the tokens before each reference's last one, right-padded
+                index = torch.tensor(picked, device=prompt_mask.device)
+                # One pass over every cached prompt extends the cache itself (it is not needed
+                # again); a pass over some of them works on a copy.
+                sub_cache = cache
+                if picked != list(range(first_logits.shape[0])):
+                    sub_cache = copy.deepcopy(cache)
+                    sub_cache.batch_select_indices(index)
+                inputs = torch.full((len(refs), width - 1), pad_id, dtype=torch.long, device=prompt_mask.device)
+                ref_mask = torch.zeros_like(inputs)
+                for r, ref in enumerate(refs):
+                    inputs[r, :len(ref) - 1] = torch.tensor(ref[:-1], dtype=torch.long)
+                    ref_mask[r, :len(ref) - 1] = 1
+                positions = last_position[index][:, None] + 1 + torch.arange(width - 1, device=inputs.device)
+                logits = model(input_ids=inputs, attention_mask=torch.cat([prompt_mask[index], ref_mask], dim=-1),
+                               position_ids=positions, use_cache=True, **{_cache_argument(model): sub_cache}).logits
+            for r, (row, ref) in enumerate(zip(picked, refs)):
+                predicted = first_logits[row][None]
+                if len(ref) > 1:
+                    predicted = torch.cat([predicted, logits[r, :len(ref) - 1].float()])
+                target = torch.tensor(ref, device=predicted.device)
+                out.append(float(F.cross_entropy(predicted, target)))
+            i += len(chunk)
+    return out
 
 
 def batch_nll(model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
