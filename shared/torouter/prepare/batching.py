@@ -194,7 +194,7 @@ def generate_batch(model, requests: Sequence[Request], generation_config, stop_c
     results = rows.results()
     if nll_state is not None:
         live = [k for k, i in enumerate(scored) if not results[i].timed_out]
-        nlls = _continuation_nll(model, nll_state, [requests[scored[k]].reference_ids for k in live], live, pad_id)
+        nlls = _continuation_nll(model, nll_state, [requests[scored[k]].reference_ids or [] for k in live], live, pad_id)
         for k, nll in zip(live, nlls):
             results[scored[k]].nll = nll
     return results
@@ -258,7 +258,7 @@ def _continuation_nll(model, nll_state, references: list[list[int]], rows: list[
                                position_ids=positions, use_cache=True, **{_cache_argument(model): sub_cache}).logits
             for r, (row, ref) in enumerate(zip(picked, refs)):
                 predicted = first_logits[row][None]
-                if len(ref) > 1:
+                if logits is not None and len(ref) > 1:
                     predicted = torch.cat([predicted, logits[r, :len(ref) - 1].float()])
                 target = torch.tensor(ref, device=predicted.device)
                 out.append(float(F.cross_entropy(predicted, target)))
