@@ -71,13 +71,17 @@ def choose_calibration(router: Router, dataset: RoutingDataset, n: int, seed: in
         raise ValueError(f"{len(embeddings)} embeddings for {len(dataset)} prompts")
     if n >= len(dataset):
         return np.arange(len(dataset))
-    groups = strata(router, np.asarray(embeddings), seed)
-    sizes = np.bincount(groups)
-    quota = allocate(sizes, n)
+    return stratified_sample(strata(router, np.asarray(embeddings), seed), n, seed)
+
+
+def stratified_sample(groups: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices (sorted) of ``n`` items drawn at random within strata ``groups``, ``allocate``'s share each."""
+    groups = np.asarray(groups)
+    quota = allocate(np.bincount(groups), n)
     rng = np.random.default_rng(seed)
     chosen = [rng.choice(np.flatnonzero(groups == g), size=int(q), replace=False)
               for g, q in enumerate(quota) if q]
-    return np.sort(np.concatenate(chosen))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def _encode(router: Router, texts: list[str]) -> np.ndarray:

@@ -43,6 +43,8 @@ class ClusterRouter(EmbeddingRouter):
     supports_expert_profiles = True
     # What an added expert's cluster means shrink toward: "difficulty" or "mean" (see the module docstring).
     profile_target = "difficulty"
+    # How many pseudo-observations an added expert's cluster means get: "auto" (measured) or the fit's prior.
+    profile_prior = "auto"
 
     def __init__(self, n_clusters: int = 8, prior: float = 5.0, seed: int = 0, encoder: str = DEFAULT_ENCODER,
                  device: str | None = None, backend: str = DEFAULT_BACKEND):
@@ -89,7 +91,7 @@ class ClusterRouter(EmbeddingRouter):
 
     def _set_profile(self, column: int, scored: RoutingDataset, scores: np.ndarray,
                      embeddings: np.ndarray | None) -> None:
-        from .profiles import difficulty_target, shrunk_group_means
+        from .profiles import difficulty_target, empirical_prior, shrunk_group_means
 
         if self.profile_target not in ("difficulty", "mean"):
             raise ValueError(f"profile_target must be 'difficulty' or 'mean', got {self.profile_target!r}")
@@ -102,7 +104,13 @@ class ClusterRouter(EmbeddingRouter):
             target = difficulty_target(groups, scores, others)
         else:
             target = np.full(k, float(scores.mean()))
-        profile = shrunk_group_means(groups, scores, k, self.prior, target)
+        prior = self.prior
+        if self.profile_prior == "auto":
+            sizes = self.fit_info_.get("cluster_sizes")
+            measured = empirical_prior(scores, target, groups, others,
+                                       np.asarray(sizes) if isinstance(sizes, list) and len(sizes) == k else None)
+            prior = measured if measured is not None else self.prior
+        profile = shrunk_group_means(groups, scores, k, prior, target)
         if column == self.cluster_scores_.shape[1]:
             self.cluster_scores_ = np.column_stack([self.cluster_scores_, profile])
         else:

@@ -153,3 +153,33 @@ def drop_expert(router: Router, name: str) -> None:
     del router.experts_[column]
     del router.expert_costs_[name]
     record_change(router, "dropped", name)
+
+
+def empirical_prior(scores: np.ndarray, target: np.ndarray, groups: np.ndarray, others: np.ndarray,
+                    sizes: np.ndarray | None = None) -> float | None:
+    """Pseudo-observations to shrink a new expert's group means by, estimated from the data (empirical Bayes).
+
+    The variance of one score around its true group mean (``noise``) over the variance
+    of true group means around the difficulty-moved target (``spread``). ``spread`` is
+    measured on the other experts' profiles (weighted by group ``sizes``), which are
+    known well; ``noise`` is what is left of the calibration scores' squared distance
+    to their targets once ``spread`` is taken out (at least half of it). None when
+    there are no other experts or fewer than three groups.
+    """
+    n_groups = len(others)
+    if others.shape[1] == 0 or n_groups < 3:
+        return None
+    w = np.ones(n_groups) if sizes is None else np.asarray(sizes, dtype=np.float64)
+    difficulty = np.nanmean(others, axis=1)
+    x = difficulty - np.average(difficulty, weights=w)
+    spreads = []
+    for profile in others.T:
+        centred = profile - np.average(profile, weights=w)
+        slope = float((w * x * centred).sum() / max((w * x * x).sum(), 1e-12))
+        spreads.append(float(np.average((centred - slope * x) ** 2, weights=w)))
+    spread = float(np.mean(spreads))
+    total = float(np.mean((scores - target[groups]) ** 2))
+    noise = max(total - spread, total / 2)
+    if not spread > 1e-9 or not noise > 0:
+        return None
+    return noise / spread
