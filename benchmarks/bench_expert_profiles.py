@@ -114,6 +114,10 @@ def run_dataset(name: str, args, results: list[dict]) -> None:
     train, test = load(name, args.data_dir)
     x_train = embeddings(name, "train", train, args.backend, args.cache_dir)
     x_test = embeddings(name, "test", test, args.backend, args.cache_dir)
+    if args.max_test and len(test) > args.max_test:  # a seeded sample of the test set, for time
+        keep = np.sort(np.random.default_rng(0).choice(len(test), args.max_test, replace=False))
+        test, x_test = test.subset(keep), x_test[keep]
+        print(f"  {name}: evaluating on {len(test)} test prompts drawn at random (--max-test)", flush=True)
     scorer = Scorer(test, cost_aware=name == "routerbench")
     experts = train.experts if not args.quick else train.experts[:: max(1, len(train.experts) // 4)]
     for method in args.methods:
@@ -137,14 +141,16 @@ def run_dataset(name: str, args, results: list[dict]) -> None:
             observed = np.flatnonzero(train.mask[:, train.experts.index(held)])
             for sampler in ("random", "helper"):
                 for seed in range(args.seeds):
-                    # what torouter.calibration.choose_calibration does, its strata computed once per seed
-                    groups = strata(base, x_train, seed) if sampler == "helper" else None
-                    order = np.random.default_rng(seed).permutation(observed)
+                    # a draw of its own for every held-out expert and seed; the helper's draw is what
+                    # torouter.calibration.choose_calibration does, its strata computed once per draw
+                    draw = 1000 * seed + train.experts.index(held)
+                    groups = strata(base, x_train, draw) if sampler == "helper" else None
+                    order = np.random.default_rng(draw).permutation(observed)
                     for n in args.ns:
                         if groups is None:
                             chosen = np.sort(order[:n])
                         else:
-                            chosen = stratified_sample(groups, n, seed)
+                            chosen = stratified_sample(groups, n, draw)
                         calibration = train.subset(chosen)
                         for variant in variants:
                             added = copy.deepcopy(base)
@@ -226,6 +232,8 @@ def main() -> None:
     parser.add_argument("--cluster-variants", default="difficulty/auto",
                         help="cluster profile of an added expert, TARGET/PRIOR: target difficulty or mean, "
                              "prior auto (measured) or fit (the router's prior), comma-separated")
+    parser.add_argument("--max-test", type=int, default=0,
+                        help="evaluate on this many test prompts drawn at random (0: the whole test set)")
     parser.add_argument("--json", type=Path, help="write every measurement as JSON")
     args = parser.parse_args()
     args.methods = args.methods.split(",")

@@ -91,16 +91,19 @@ class ClusterRouter(EmbeddingRouter):
 
     def _set_profile(self, column: int, scored: RoutingDataset, scores: np.ndarray,
                      embeddings: np.ndarray | None) -> None:
-        from .profiles import difficulty_target, empirical_prior, shrunk_group_means
+        from .profiles import difficulty_target, empirical_prior, regression_target, shrunk_group_means
 
-        if self.profile_target not in ("difficulty", "mean"):
-            raise ValueError(f"profile_target must be 'difficulty' or 'mean', got {self.profile_target!r}")
+        if self.profile_target not in ("regression", "difficulty", "mean"):
+            raise ValueError(f"profile_target must be 'regression', 'difficulty' or 'mean', "
+                             f"got {self.profile_target!r}")
         x = self._embed(scored.texts()) if embeddings is None else embeddings
         groups = self.clusters(x)
         k = len(self.centroids_)
         others = np.delete(self.cluster_scores_, column, axis=1) if column < self.cluster_scores_.shape[1] \
             else self.cluster_scores_
-        if self.profile_target == "difficulty":
+        if self.profile_target == "regression":
+            target = regression_target(groups, scores, others)
+        elif self.profile_target == "difficulty":
             target = difficulty_target(groups, scores, others)
         else:
             target = np.full(k, float(scores.mean()))

@@ -183,3 +183,34 @@ def empirical_prior(scores: np.ndarray, target: np.ndarray, groups: np.ndarray, 
     if not spread > 1e-9 or not noise > 0:
         return None
     return noise / spread
+
+
+RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def regression_target(groups: np.ndarray, scores: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Per-group shrinkage targets for a new expert from the profiles of the experts already there.
+
+    The new expert's score on a prompt is regressed (ridge, its penalty chosen by
+    leave-one-out error over the calibration prompts) on the other experts' profiles
+    at the prompt's group, a factorised model whose prompt features are what every
+    other expert does there: a new model that behaves like one the router knows (a
+    fine-tune of it, a sibling) takes that expert's shape from a few prompts.
+    """
+    mean = float(scores.mean())
+    if others.size == 0 or len(scores) < 3:
+        return np.full(len(others), mean)
+    features = np.nan_to_num(others[groups], nan=mean)
+    centre = features.mean(axis=0)
+    f = features - centre
+    y = scores - mean
+    best: tuple[float, np.ndarray] | None = None
+    for penalty in RIDGE_GRID:
+        inverse = np.linalg.inv(f.T @ f + penalty * np.eye(f.shape[1]))
+        weights = inverse @ f.T @ y
+        hat = np.einsum("ij,jk,ik->i", f, inverse, f)
+        loo = float((((y - f @ weights) / np.maximum(1 - hat, 1e-6)) ** 2).mean())
+        if best is None or loo < best[0]:
+            best = (loo, weights)
+    assert best is not None
+    return np.clip(mean + (np.nan_to_num(others, nan=mean) - centre) @ best[1], 0.0, 1.0)
