@@ -20,6 +20,7 @@ from torouter.routers.profiles import (
     ExpertProfileError,
     difficulty_target,
     empirical_prior,
+    regression_target,
     shrunk_group_means,
 )
 
@@ -152,6 +153,16 @@ def test_difficulty_target_and_shrinkage_by_hand():
     np.testing.assert_allclose(shrunk_group_means(groups, scores, 3, 2.0, np.array([0.5, 0.5, 0.4])),
                                [(2 + 1) / 4, (1 + 1) / 4, 0.4])
     assert empirical_prior(scores, target, groups, np.zeros((2, 0))) is None  # no other experts
+    assert empirical_prior(scores, target, groups, others) is None  # fewer than three groups
+
+
+def test_regression_target_copies_a_sibling_expert():
+    # the new expert scores like the second known expert: the target follows that expert's profile
+    others = np.array([[0.5, 0.9], [0.5, 0.1], [0.5, 0.5]])
+    groups = np.repeat([0, 1, 2], 10)
+    scores = others[groups, 1]
+    np.testing.assert_allclose(regression_target(groups, scores, others), others[:, 1], atol=0.02)
+    np.testing.assert_allclose(regression_target(groups[:2], scores[:2], others), 0.9)  # too few: the mean
 
 
 def test_cluster_default_profile_adds_with_a_measured_prior(data, embeddings):

@@ -18,7 +18,11 @@ and dropped without refitting anything (``add_expert``, ``drop_expert``; see
 prompts only, so an added expert's cluster means are shrunk by the same ``prior``
 toward a target that already knows how hard each cluster is: its calibration mean,
 moved by the other experts' mean profile there (``profile_target = "difficulty"``;
-``"mean"`` shrinks toward its calibration mean alone, as ``fit`` does).
+``"mean"`` shrinks toward its calibration mean alone, as ``fit`` does; ``"regression"``
+toward a ridge regression on the other experts' profiles), by a number of
+pseudo-observations measured from the data (``profile_prior = "auto"``; ``"fit"``
+uses ``prior``). The defaults are the best of these on RouterBench and RouterDC
+(benchmarks/bench_expert_profiles.py).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class ClusterRouter(EmbeddingRouter):
     supports_expert_profiles = True
     # What an added expert's cluster means shrink toward: "difficulty" or "mean" (see the module docstring).
     profile_target = "difficulty"
-    # How many pseudo-observations an added expert's cluster means get: "auto" (measured) or the fit's prior.
+    # How many pseudo-observations an added expert's cluster means get: "auto" (measured) or "fit" (``prior``).
     profile_prior = "auto"
 
     def __init__(self, n_clusters: int = 8, prior: float = 5.0, seed: int = 0, encoder: str = DEFAULT_ENCODER,
@@ -96,6 +100,8 @@ class ClusterRouter(EmbeddingRouter):
         if self.profile_target not in ("regression", "difficulty", "mean"):
             raise ValueError(f"profile_target must be 'regression', 'difficulty' or 'mean', "
                              f"got {self.profile_target!r}")
+        if self.profile_prior not in ("auto", "fit"):
+            raise ValueError(f"profile_prior must be 'auto' or 'fit', got {self.profile_prior!r}")
         x = self._embed(scored.texts()) if embeddings is None else embeddings
         groups = self.clusters(x)
         k = len(self.centroids_)
