@@ -8,8 +8,8 @@ expert in turn:
 * **full**: the router trained on every expert (what retraining with the new expert
   gives, at the price of answering the whole training set with it);
 * **added**: the router trained on the other experts, then ``add_expert`` from its
-  scored answers to ``n`` training prompts, chosen at random or by the calibration
-  helper (``torouter.calibration``), for each ``n`` and seed;
+  scored answers to ``n`` training prompts, drawn at random or stratified over the
+  router's clusters (the two strategies of ``torouter.calibration``), for each ``n`` and seed;
 * **dropped**: the full router with ``drop_expert``, against the router retrained
   on the other experts (dropping should need no training and change nothing).
 
@@ -139,12 +139,12 @@ def run_dataset(name: str, args, results: list[dict]) -> None:
             results.append({"dataset": name, "method": method, "expert": held, "kind": "drop",
                             "retrained": strip(without), "dropped": strip(dropped_figures)})
             observed = np.flatnonzero(train.mask[:, train.experts.index(held)])
-            for sampler in ("random", "helper"):
+            for sampler in ("random", "stratified"):
                 for seed in range(args.seeds):
-                    # a draw of its own for every held-out expert and seed; the helper's draw is what
-                    # torouter.calibration.choose_calibration does, its strata computed once per draw
+                    # a draw of its own for every held-out expert and seed; the stratified draw is what
+                    # torouter.calibration.choose_calibration(strategy="stratified") does
                     draw = 1000 * seed + train.experts.index(held)
-                    groups = strata(base, x_train, draw) if sampler == "helper" else None
+                    groups = strata(base, x_train, draw) if sampler == "stratified" else None
                     order = np.random.default_rng(draw).permutation(observed)
                     for n in args.ns:
                         if groups is None:

@@ -1,14 +1,19 @@
 """Calibration samples: which training prompts to send to a new expert so a router can add it.
 
 An expert is added to a ``cluster`` or ``knn`` router from its scored answers to a
-few hundred prompts (``Router.add_expert``). Its profile is a mean score per region
-of prompt space, so the sample should reach every region in proportion to the
-traffic it gets: the prompts are drawn stratified over the router's own clusters
-(for a ``cluster`` router) or over k-means clusters of the training prompts (for any
-other router), each cluster getting its share of ``n`` by size (largest remainders,
-at least one prompt per cluster while ``n`` allows), at random within a cluster. On
-RouterBench and RouterDC this beats a plain random sample of the same size (see
-benchmarks/bench_expert_profiles.py). The choice is deterministic for a seed.
+few hundred prompts (``Router.add_expert``). Two ways to choose them, deterministic
+for a seed:
+
+* ``random`` (the default): a plain random sample of the training prompts;
+* ``stratified``: drawn over the router's own clusters (for a ``cluster`` router) or
+  k-means clusters of the training prompts (any other router), each cluster getting
+  its share of ``n`` by size (largest remainders, at least one prompt per cluster while
+  ``n`` allows), at random within a cluster.
+
+Stratifying was expected to help, since an added expert's profile is a mean score per
+cluster; measured leave-one-expert-out on RouterBench and RouterDC it did not: at
+``n = 100`` it lands further from full retraining than a random sample of the same
+size (benchmarks/README.md, "Adding an expert"), hence the default.
 
 ``calibration_set`` writes the chosen prompts as a prompts JSONL that ``torouter
 prepare --prompts`` reads as it is, to be answered by the new expert and scored.
@@ -57,14 +62,24 @@ def allocate(sizes: np.ndarray, n: int) -> np.ndarray:
     return quota
 
 
+STRATEGIES = ("random", "stratified")
+
+
 def choose_calibration(router: Router, dataset: RoutingDataset, n: int, seed: int = 0,
-                       embeddings: np.ndarray | None = None) -> np.ndarray:
+                       embeddings: np.ndarray | None = None, strategy: str = "random") -> np.ndarray:
     """Indices (sorted) of the ``n`` prompts of ``dataset`` to send to a new expert.
 
-    ``embeddings`` may pass ``dataset``'s prompts already encoded with the router's encoder.
+    ``embeddings`` (``stratified`` only) may pass ``dataset``'s prompts already encoded
+    with the router's encoder.
     """
     if n < 1:
         raise ValueError(f"a calibration sample needs n >= 1 prompts, got {n}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown calibration strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    if strategy == "random":
+        if n >= len(dataset):
+            return np.arange(len(dataset))
+        return np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
     if embeddings is None:
         embeddings = _encode(router, dataset.texts())
     if len(embeddings) != len(dataset):
@@ -107,6 +122,7 @@ def prompt_rows(dataset: RoutingDataset, indices: np.ndarray) -> list[dict[str, 
 
 
 def calibration_set(router: Router, dataset: RoutingDataset, n: int, out: str | os.PathLike,
-                    seed: int = 0) -> int:
+                    seed: int = 0, strategy: str = "random") -> int:
     """Write the ``n`` chosen prompts of ``dataset`` to ``out`` (prompts JSONL); returns the count."""
-    return write_jsonl(out, prompt_rows(dataset, choose_calibration(router, dataset, n, seed)))
+    indices = choose_calibration(router, dataset, n, seed, strategy=strategy)
+    return write_jsonl(out, prompt_rows(dataset, indices))

@@ -266,16 +266,20 @@ def calibration_set_cmd(
     n: int = typer.Option(100, min=1, help="How many prompts to choose (each costs one call of the new expert)."),
     out: Path = typer.Option(..., help="Prompts JSONL to write, for torouter prepare --prompts."),
     seed: int = typer.Option(0, help="Random seed (the same seed chooses the same prompts)."),
+    strategy: str = typer.Option("random", help="random (measured best) or stratified (over the router's "
+                                                "clusters)."),
 ):
-    """Choose the prompts a new expert should answer so a router can add it (stratified over its clusters)."""
-    from .calibration import calibration_set
+    """Choose the prompts a new expert should answer so a router can add it (a seeded sample)."""
+    from .calibration import STRATEGIES, calibration_set
 
+    if strategy not in STRATEGIES:
+        _fail(f"unknown --strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     _writable(out)
     router = _load_router(router_dir)
     dataset = _load_dataset(data)
     try:
         with _writing(out):
-            count = calibration_set(router, dataset, n, out, seed=seed)
+            count = calibration_set(router, dataset, n, out, seed=seed, strategy=strategy)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {count} of {len(dataset)} prompts to {out}; answer and score them with "

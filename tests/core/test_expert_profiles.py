@@ -288,14 +288,19 @@ def test_allocate_shares_by_size_with_one_each():
 
 def test_calibration_choice_is_deterministic_for_a_seed(data, embeddings):
     router = cluster_router(data, embeddings)
-    first = choose_calibration(router, data, 6, seed=3, embeddings=embeddings)
-    assert first.tolist() == choose_calibration(router, data, 6, seed=3, embeddings=embeddings).tolist()
-    assert len(set(first.tolist())) == 6
+    for strategy in ("random", "stratified"):
+        first = choose_calibration(router, data, 6, seed=3, embeddings=embeddings, strategy=strategy)
+        again = choose_calibration(router, data, 6, seed=3, embeddings=embeddings, strategy=strategy)
+        assert first.tolist() == again.tolist()
+        assert len(set(first.tolist())) == 6
+        draws = {tuple(choose_calibration(router, data, 6, seed=s, embeddings=embeddings, strategy=strategy))
+                 for s in range(6)}
+        assert len(draws) > 1
+    stratified = choose_calibration(router, data, 6, seed=3, embeddings=embeddings, strategy="stratified")
     math, _ = topic_clusters(router, embeddings)
-    in_math = sum(router.clusters(embeddings[first]) == math)
-    assert in_math == 3  # stratified: half from each topic
-    others = {tuple(choose_calibration(router, data, 6, seed=s, embeddings=embeddings)) for s in range(6)}
-    assert len(others) > 1
+    assert sum(router.clusters(embeddings[stratified]) == math) == 3  # half from each topic
+    with pytest.raises(ValueError, match="unknown calibration strategy"):
+        choose_calibration(router, data, 6, strategy="best")
     groups = np.repeat([0, 1, 2], [50, 30, 20])
     assert stratified_sample(groups, 10, seed=1).tolist() == stratified_sample(groups, 10, seed=1).tolist()
 
@@ -321,11 +326,11 @@ def test_cli_calibration_set_add_and_drop(tmp_path, data):
     assert ok.exit_code == 0, ok.output
 
     result = invoke("calibration-set", tmp_path / "router", "--data", train, "--n", "6", "--seed", "1",
-                    "--out", tmp_path / "cal.jsonl")
+                    "--strategy", "stratified", "--out", tmp_path / "cal.jsonl")
     assert result.exit_code == 0, result.output
     assert "wrote 6 of 16 prompts" in result.output
     again = invoke("calibration-set", tmp_path / "router", "--data", train, "--n", "6", "--seed", "1",
-                   "--out", tmp_path / "cal2.jsonl")
+                   "--strategy", "stratified", "--out", tmp_path / "cal2.jsonl")
     assert again.exit_code == 0 and (tmp_path / "cal.jsonl").read_text() == (tmp_path / "cal2.jsonl").read_text()
 
     # what torouter prepare would write after the new expert answered the calibration prompts
@@ -363,3 +368,8 @@ def test_cli_refusals_are_clear(tmp_path, data):
     assert result.exit_code == 2 and "'best-single' router cannot add" in result.output
     result = invoke("drop-expert", tmp_path / "router", "--expert", "ghost", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "'ghost'" in result.output
+    result = invoke("calibration-set", tmp_path / "router", "--data", train, "--strategy", "best",
+                    "--out", tmp_path / "cal.jsonl")
+    assert result.exit_code == 2 and "unknown --strategy 'best'" in result.output
+    result = invoke("calibration-set", tmp_path / "router", "--data", train, "--n", "3", "--out", tmp_path / "c.jsonl")
+    assert result.exit_code == 0 and len(read_prompts(tmp_path / "c.jsonl")) == 3
