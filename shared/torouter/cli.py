@@ -202,6 +202,90 @@ def edge(
         typer.echo(f"report: {json_out}")
 
 
+# --- changing a trained router's experts without retraining it (routers/profiles.py) --------------
+
+def _save_changed(router, out: Path) -> None:
+    try:
+        router.save(out)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{out}: cannot save the router: {exc.strerror or exc}")
+
+
+@app.command("add-expert")
+def add_expert_cmd(
+    router_dir: Path = typer.Argument(..., help="Saved router directory (cluster or knn)."),
+    data: Path = typer.Argument(..., help="The new expert's scored answers (routing-data JSONL, as torouter "
+                                          "prepare writes it; e.g. on the prompts of torouter calibration-set)."),
+    expert: str = typer.Option(..., help="The expert to add; an expert the router has is re-profiled (replaced)."),
+    out: Path = typer.Option(..., help="Directory to save the changed router in (may be ROUTER_DIR)."),
+):
+    """Add (or re-profile) one expert from its scored answers to a calibration sample, without retraining."""
+    from .routers.profiles import ExpertProfileError
+
+    _writable(out, folder=True)
+    router = _load_router(router_dir)
+    dataset = _load_dataset(data)
+    replaced = expert in router.experts_
+    try:
+        router.add_expert(expert, dataset)
+    except (ExpertProfileError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+    _save_changed(router, out)
+    n = router.fit_info_["expert_changes"][-1]["n_prompts"]
+    typer.echo(f"{'replaced' if replaced else 'added'} expert {expert!r} from {n} scored prompts "
+               f"(mean cost ${router.expert_costs_[expert]:.6f}); the router has {len(router.experts_)} experts; "
+               f"saved to {out}")
+
+
+@app.command("drop-expert")
+def drop_expert_cmd(
+    router_dir: Path = typer.Argument(..., help="Saved router directory (cluster or knn)."),
+    expert: str = typer.Option(..., help="The expert to drop."),
+    out: Path = typer.Option(..., help="Directory to save the changed router in (may be ROUTER_DIR)."),
+):
+    """Drop one expert from a router; the others' estimates stay as they were."""
+    from .routers.profiles import ExpertProfileError
+
+    _writable(out, folder=True)
+    router = _load_router(router_dir)
+    try:
+        router.drop_expert(expert)
+    except ExpertProfileError as exc:
+        _fail(str(exc))
+    _save_changed(router, out)
+    typer.echo(f"dropped expert {expert!r}; the router has {len(router.experts_)} experts; saved to {out}")
+
+
+@app.command("calibration-set")
+def calibration_set_cmd(
+    router_dir: Path = typer.Argument(..., help="Saved router directory."),
+    data: Path = typer.Option(..., help="The router's training data (JSONL): the prompts to choose from "
+                                        "(a router keeps no prompt texts)."),
+    n: int = typer.Option(100, min=1, help="How many prompts to choose (each costs one call of the new expert)."),
+    out: Path = typer.Option(..., help="Prompts JSONL to write, for torouter prepare --prompts."),
+    seed: int = typer.Option(0, help="Random seed (the same seed chooses the same prompts)."),
+    strategy: str = typer.Option("random", help="random (measured best) or stratified (over the router's "
+                                                "clusters)."),
+):
+    """Choose the prompts a new expert should answer so a router can add it (a seeded sample)."""
+    from .calibration import STRATEGIES, calibration_set
+
+    if strategy not in STRATEGIES:
+        _fail(f"unknown --strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    _writable(out)
+    router = _load_router(router_dir)
+    dataset = _load_dataset(data)
+    try:
+        with _writing(out):
+            count = calibration_set(router, dataset, n, out, seed=seed, strategy=strategy)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {count} of {len(dataset)} prompts to {out}; answer and score them with "
+               f"torouter prepare --prompts {out}, then torouter add-expert")
+
+
 @import_app.command("routerbench")
 def import_routerbench(
     files: list[Path] = typer.Argument(..., help="RouterBench CSV files (or its pickle, with --allow-pickle)."),

@@ -68,6 +68,8 @@ class Router:
     """Base class: subclasses implement ``_fit``, ``_predict`` and their state's (de)serialisation."""
 
     method: ClassVar[str] = ""
+    # Whether add_expert / drop_expert work: the estimates split into a prompt side and per-expert profiles.
+    supports_expert_profiles: ClassVar[bool] = False
 
     # --- scikit-learn style parameters --------------------------------------------------
     @classmethod
@@ -120,6 +122,36 @@ class Router:
         if unknown:
             raise ValueError(f"prices given for unknown experts {sorted(unknown)}; known: {self.experts_}")
         return np.array([float(prices.get(e, self.expert_costs_[e])) for e in self.experts_])
+
+    # --- changing the pool of experts without retraining (see routers/profiles.py) --------
+    def add_expert(self, name: str, data: RoutingDataset, embeddings: np.ndarray | None = None) -> Router:
+        """Add expert ``name`` from its scored answers in ``data`` (routing records, as ``torouter prepare``
+        writes them), without refitting the prompt side or touching the other experts' profiles.
+
+        An expert the router already has is re-profiled from ``data`` (replaced). Its cost is
+        its mean cost over the scored records. ``embeddings`` may pass ``data``'s prompts already
+        encoded. Raises ``ExpertProfileError`` for a router that cannot (only ``cluster`` and
+        ``knn`` can) and for data without a scored answer of ``name``.
+        """
+        from .profiles import add_expert
+
+        add_expert(self, name, data, embeddings)
+        return self
+
+    def drop_expert(self, name: str) -> Router:
+        """Remove expert ``name``; the other experts' estimates stay as they were."""
+        from .profiles import drop_expert
+
+        drop_expert(self, name)
+        return self
+
+    def _set_profile(self, column: int, scored: RoutingDataset, scores: np.ndarray,
+                     embeddings: np.ndarray | None) -> None:
+        """Write the profile of the expert at ``column`` (``len(experts_)``: a new one) from its scores."""
+        raise NotImplementedError
+
+    def _drop_profile(self, column: int) -> None:
+        raise NotImplementedError
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "experts_"):

@@ -10,6 +10,19 @@ by ``prior`` pseudo-observations::
 The estimates are expected scores (calibrated, unlike soft-label outputs), which is
 what the cost-aware policy trades against price, and averaging over a whole cluster
 keeps the per-prompt noise of binary correctness labels out of them.
+
+The clusters are the prompt side and each expert's column of ``cluster_scores_`` its
+profile, so an expert can be added (or re-profiled) from a few hundred scored prompts
+and dropped without refitting anything (``add_expert``, ``drop_expert``; see
+``routers/profiles.py``). A calibration sample reaches some clusters with a handful of
+prompts only, so an added expert's cluster means are shrunk by the same ``prior``
+toward a target that already knows how hard each cluster is: its calibration mean,
+moved by the other experts' mean profile there (``profile_target = "difficulty"``;
+``"mean"`` shrinks toward its calibration mean alone, as ``fit`` does; ``"regression"``
+toward a ridge regression on the other experts' profiles), by a number of
+pseudo-observations measured from the data (``profile_prior = "auto"``; ``"fit"``
+uses ``prior``). The defaults are the best of these on RouterBench and RouterDC
+(benchmarks/bench_expert_profiles.py).
 """
 
 from __future__ import annotations
@@ -31,6 +44,11 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 class ClusterRouter(EmbeddingRouter):
     method = "cluster"
+    supports_expert_profiles = True
+    # What an added expert's cluster means shrink toward: "difficulty" or "mean" (see the module docstring).
+    profile_target = "difficulty"
+    # How many pseudo-observations an added expert's cluster means get: "auto" (measured) or "fit" (``prior``).
+    profile_prior = "auto"
 
     def __init__(self, n_clusters: int = 8, prior: float = 5.0, seed: int = 0, encoder: str = DEFAULT_ENCODER,
                  device: str | None = None, backend: str = DEFAULT_BACKEND):
@@ -67,11 +85,49 @@ class ClusterRouter(EmbeddingRouter):
         self.cluster_scores_ = table
         self.fit_info_["cluster_sizes"] = sizes.tolist()
 
-    def predict_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        # Nearest centroid in Euclidean distance, as k-means assigned the training prompts.
+    def clusters(self, embeddings: np.ndarray) -> np.ndarray:
+        """Each prompt's cluster: the nearest centroid in Euclidean distance, as k-means assigned them."""
         x = _normalise(embeddings)
-        nearest = (2 * x @ self.centroids_.T - (self.centroids_ ** 2).sum(axis=1)).argmax(axis=1)
-        return self.cluster_scores_[nearest]
+        return (2 * x @ self.centroids_.T - (self.centroids_ ** 2).sum(axis=1)).argmax(axis=1)
+
+    def predict_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.cluster_scores_[self.clusters(embeddings)]
+
+    def _set_profile(self, column: int, scored: RoutingDataset, scores: np.ndarray,
+                     embeddings: np.ndarray | None) -> None:
+        from .profiles import difficulty_target, empirical_prior, regression_target, shrunk_group_means
+
+        if self.profile_target not in ("regression", "difficulty", "mean"):
+            raise ValueError(f"profile_target must be 'regression', 'difficulty' or 'mean', "
+                             f"got {self.profile_target!r}")
+        if self.profile_prior not in ("auto", "fit"):
+            raise ValueError(f"profile_prior must be 'auto' or 'fit', got {self.profile_prior!r}")
+        x = self._embed(scored.texts()) if embeddings is None else embeddings
+        groups = self.clusters(x)
+        k = len(self.centroids_)
+        others = np.delete(self.cluster_scores_, column, axis=1) if column < self.cluster_scores_.shape[1] \
+            else self.cluster_scores_
+        if self.profile_target == "regression":
+            target = regression_target(groups, scores, others)
+        elif self.profile_target == "difficulty":
+            target = difficulty_target(groups, scores, others)
+        else:
+            target = np.full(k, float(scores.mean()))
+        prior = self.prior
+        if self.profile_prior == "auto":
+            sizes = self.fit_info_.get("cluster_sizes")
+            measured = empirical_prior(scores, target, groups, others,
+                                       np.asarray(sizes) if isinstance(sizes, list) and len(sizes) == k else None)
+            prior = measured if measured is not None else self.prior
+        profile = shrunk_group_means(groups, scores, k, prior, target)
+        if column == self.cluster_scores_.shape[1]:
+            self.cluster_scores_ = np.column_stack([self.cluster_scores_, profile])
+        else:
+            self.cluster_scores_ = self.cluster_scores_.copy()
+            self.cluster_scores_[:, column] = profile
+
+    def _drop_profile(self, column: int) -> None:
+        self.cluster_scores_ = np.delete(self.cluster_scores_, column, axis=1)
 
     def _get_state(self):
         return {"centroids": self.centroids_, "cluster_scores": self.cluster_scores_}, {}
