@@ -163,3 +163,29 @@ def test_a_bad_ray_address_is_a_clear_error(cluster, tmp_path):
 def test_an_unknown_engine_is_refused(tmp_path):
     with pytest.raises(EngineError, match="unknown engine 'spark'"):
         prepare([], [{"id": "a", "prompt": "x"}], tmp_path / "out.jsonl", score=None, engine="spark")
+
+
+def test_route_on_ray_chooses_what_the_local_engine_chooses(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from torouter.cli import app
+    from torouter.data import RoutingDataset, write_jsonl
+    from torouter.routers import make_router
+    from torouter.synthetic import make_synthetic
+
+    records = make_synthetic(120, 0)
+    router = make_router("knn", k=5, backend="static")
+    router.fit(RoutingDataset(records[:80]))
+    router.save(tmp_path / "router")
+    write_jsonl(tmp_path / "prompts.jsonl", records[80:])
+    runner = CliRunner()
+    for engine in ("local", "ray"):
+        result = runner.invoke(app, ["route", str(tmp_path / "router"), str(tmp_path / "prompts.jsonl"), "--out",
+                                     str(tmp_path / f"{engine}.jsonl"), "--engine", engine, "--cost-weight", "2"])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    assert len((tmp_path / "ray.jsonl").read_text().splitlines()) == 40
+
+    bad = runner.invoke(app, ["route", str(tmp_path / "router"), str(tmp_path / "prompts.jsonl"), "--out",
+                              str(tmp_path / "bad.jsonl"), "--engine", "ray", "--ray-address", "127.0.0.1:1"])
+    assert bad.exit_code == 2 and "cannot reach a Ray cluster" in bad.output
