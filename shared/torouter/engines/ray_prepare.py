@@ -95,7 +95,7 @@ class ExpertCalls:
         self.backoff = backoff
 
     def __call__(self, block: Mapping[str, Any]) -> dict[str, list[Any]]:
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         expert = self.expert
         keys = [str(k) for k in block["key"]]
         jobs = [Job(key, expert.name, str(rid), json.loads(str(prompt)), json.loads(str(ref)), str(ph))
@@ -118,9 +118,10 @@ class ExpertCalls:
                 await asyncio.gather(*(one(job) for job in todo))
 
             self.loop.run_until_complete(run_all())
-        spent = time.perf_counter() - started
+        spent, n = time.perf_counter() - started, len(keys)
+        # Timings for the work split (bench_ray.py): per call, and when the block ran (wall clock).
         return {"key": keys, "result": [json.dumps(results[k], ensure_ascii=False) for k in keys],
-                "made": [k in {j.key for j in todo} for k in keys], "task_s": [spent / max(1, len(keys))] * len(keys)}
+                "task_s": [spent / max(1, n)] * n, "started_at": [started_at] * n, "ended_at": [time.time()] * n}
 
 
 def pool_size(concurrency: int, workers: int) -> int:
@@ -188,11 +189,15 @@ class RayExecutor:
         names = {e.name: e for e in experts}
         by_key = {j.key: j for j in jobs}
         task_s = 0.0
+        first_start, last_end = math.inf, 0.0
+        run_started_at = time.time()
         if datasets:
             combined = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
             try:
                 for batch in combined.iter_batches(batch_size=None, batch_format="numpy"):
                     commit_started = time.perf_counter()
+                    first_start = min(first_start, float(min(batch["started_at"])))
+                    last_end = max(last_end, float(max(batch["ended_at"])))
                     for key, result_json, task in zip(batch["key"], batch["result"], batch["task_s"]):
                         job = by_key[str(key)]
                         result = json.loads(str(result_json))
@@ -214,6 +219,10 @@ class RayExecutor:
         stats.elapsed_s = time.perf_counter() - started
         self.timings["calls_wall_s"] = stats.elapsed_s
         self.timings["task_s"] = task_s
+        if last_end > 0:
+            # Until the first block starts: scheduling and starting the actors (importing, building experts).
+            self.timings["actors_start_s"] = first_start - run_started_at
+            self.timings["blocks_span_s"] = last_end - first_start
         return stats
 
     def score_calls(self, pairs: Sequence[tuple[str, str, str]], scorer: Scorer, cache: CallCache | None = None,
