@@ -47,6 +47,7 @@ from . import EngineError
 from .ray_session import cluster_gpus, cluster_workers, ray_session
 
 MAX_BLOCK_CALLS = 256
+MAX_IN_FLIGHT_PER_ACTOR = 64  # calls of a hosted expert one actor waits on at once
 
 
 def shard_dir(cache_path: Path) -> Path:
@@ -124,10 +125,18 @@ class ExpertCalls:
                 "task_s": [spent / max(1, n)] * n, "started_at": [started_at] * n, "ended_at": [time.time()] * n}
 
 
-def pool_size(concurrency: int, workers: int) -> int:
-    """Actors for an expert: the largest divisor of ``concurrency`` not above ``workers``, so that
-    actors x calls in flight per actor is exactly the manifest's concurrency."""
-    return max(d for d in range(1, min(concurrency, workers) + 1) if concurrency % d == 0)
+def pool_size(concurrency: int, workers: int, heavy: bool) -> int:
+    """Actors for an expert, always a divisor of its ``concurrency``, so that actors x calls in flight
+    per actor is exactly the manifest's concurrency (the limit holds cluster-wide).
+
+    A model run in the actor (``heavy``: a Hugging Face expert) gets as many actors as the cluster
+    has workers for, one model each; a hosted API only waits on the network, so its calls share as
+    few actors as hold them (up to ``MAX_IN_FLIGHT_PER_ACTOR`` each): fewer processes to start.
+    """
+    if heavy:
+        return max(d for d in range(1, min(concurrency, workers) + 1) if concurrency % d == 0)
+    return min(d for d in range(1, concurrency + 1)
+               if concurrency % d == 0 and concurrency // d <= MAX_IN_FLIGHT_PER_ACTOR)
 
 
 def _wants_gpu(expert: Expert, gpus: int) -> bool:
@@ -172,7 +181,8 @@ class RayExecutor:
             expert_jobs = by_expert[expert.name]
             if not expert_jobs:
                 continue
-            actors = pool_size(expert.concurrency, self.workers)
+            heavy = expert.kind == "huggingface"
+            actors = pool_size(expert.concurrency, self.workers, heavy)
             in_flight = expert.concurrency // actors
             block_calls = max(1, min(MAX_BLOCK_CALLS, in_flight * 8, math.ceil(len(expert_jobs) / actors)))
             rows = [{"key": j.key, "record_id": j.record_id, "prompt": json.dumps(j.prompt, ensure_ascii=False),
@@ -185,7 +195,7 @@ class RayExecutor:
                 fn_constructor_kwargs={"spec": expert.spec, "shards": str(shard_dir(store.path)),
                                        "in_flight": in_flight, "backoff": backoff},
                 compute=ray.data.ActorPoolStrategy(size=actors),
-                num_cpus=1 if expert.kind == "huggingface" else 1 / 8, num_gpus=1 if gpu else 0))
+                num_cpus=1 if heavy else 1 / 8, num_gpus=1 if gpu else 0))
         names = {e.name: e for e in experts}
         by_key = {j.key: j for j in jobs}
         task_s = 0.0
