@@ -293,10 +293,11 @@ def prepare(experts: str | os.PathLike | Manifest | Sequence[Expert],
 
     with _engine(engine, ray_address, ray_cpus, progress) as executor, \
             CallCache(cache_path, durable=durable) as store:
-        if executor is not None:
-            from ..engines.ray_prepare import merge_shards
+        # Calls finished by Ray workers of a run whose driver was killed (see engines.ray_prepare;
+        # no Ray needed to read them), whichever engine resumes it.
+        from ..engines.ray_prepare import merge_shards
 
-            merge_shards(store)  # calls finished by workers of a run whose driver was killed
+        merge_shards(store)
         jobs, keys = make_jobs(items, experts)
         done = store.get_many(j.key for j in jobs)
         pending = [j for j in jobs if j.key not in done or (retry_failed and not done[j.key].get("ok"))]
