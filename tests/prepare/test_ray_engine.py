@@ -90,6 +90,18 @@ def test_same_records_as_the_local_engine_and_a_failing_expert_is_recorded(clust
     assert (tmp_path / "rescored-cli.jsonl").read_bytes() == (tmp_path / "rescored-local.jsonl").read_bytes()
 
 
+def test_an_expert_that_cannot_start_fails_the_run_as_on_the_local_engine(cluster, tmp_path):
+    from torouter.prepare import ManifestError
+
+    (tmp_path / "experts.yaml").write_text(
+        "experts:\n  - name: ghost\n    tier: cloud\n    python: {callable: 'helpers.ray_experts:missing'}\n")
+    prompts = _prompts(tmp_path / "prompts.jsonl", 2)
+    for engine in ("local", "ray"):
+        with pytest.raises(ManifestError, match="expert 'ghost': cannot import 'helpers.ray_experts:missing'"):
+            prepare(tmp_path / "experts.yaml", prompts, tmp_path / f"{engine}.jsonl", score=None, progress=False,
+                    engine=engine)
+
+
 def test_a_lost_worker_is_retried_and_loses_nothing(cluster, tmp_path):
     marker = tmp_path / "crashed"
     experts = _manifest(tmp_path / "experts.yaml", [

@@ -36,10 +36,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..prepare.backends import build_expert
 from ..prepare.base import Expert
 from ..prepare.cache import CacheError, CacheLock, CallCache
-from ..prepare.manifest import ExpertSpec, ManifestError
+from ..prepare.manifest import ManifestError
 from ..prepare.pipeline import SCORE_CHUNK, PrepareError, score_calls
 from ..prepare.runner import Backoff, Job, Runner, RunStats
 from ..prepare.scorers import Scorer, ScoreError, ScorerConfig, make_scorer
@@ -87,15 +86,25 @@ def _block_name(keys: Sequence[str]) -> str:
 class ExpertCalls:
     """A Ray Data actor of one expert: answers a block of calls, committing each to the block's shard."""
 
-    def __init__(self, spec: ExpertSpec, shards: str, in_flight: int, backoff: Backoff | None):
-        self.expert: Expert = build_expert(spec)
+    def __init__(self, expert: Expert, shards: str, in_flight: int, backoff: Backoff | None):
+        # The driver's expert object, not yet started (a backend registered only in the driver, or an
+        # Expert built in code, arrives as it is); each actor starts its own copy.
+        self.expert = expert
         self.shards = Path(shards)
         self.in_flight = in_flight
         self.loop = asyncio.new_event_loop()
-        self.loop.run_until_complete(self.expert.start())
         self.backoff = backoff
+        # Ray restarts an actor whose constructor fails, without end: an expert that cannot start
+        # (a bad import path, a model that does not load) fails the first block instead, and the run.
+        self.start_error: BaseException | None = None
+        try:
+            self.loop.run_until_complete(self.expert.start())
+        except Exception as exc:  # noqa: BLE001 - raised again, as it is, by __call__
+            self.start_error = exc
 
     def __call__(self, block: Mapping[str, Any]) -> dict[str, list[Any]]:
+        if self.start_error is not None:
+            raise portable(self.start_error)
         started, started_at = time.perf_counter(), time.time()
         expert = self.expert
         keys = [str(k) for k in block["key"]]
@@ -146,6 +155,15 @@ def _wants_gpu(expert: Expert, gpus: int) -> bool:
     return device is None or str(device).startswith("cuda")
 
 
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` as an error Ray can carry back to the driver: torouter's errors with only their message
+    (an ``ExpertBuildError`` takes more arguments than its ``args`` hold, so it cannot be rebuilt there)."""
+    for kind in (ManifestError, ScoreError, CacheError):
+        if isinstance(exc, kind):
+            return kind(str(exc))
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     seen = set()
     while id(exc) not in seen:
@@ -192,7 +210,7 @@ class RayExecutor:
             dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / block_calls))
             datasets.append(dataset.map_batches(
                 ExpertCalls, batch_size=None, batch_format="numpy",
-                fn_constructor_kwargs={"spec": expert.spec, "shards": str(shard_dir(store.path)),
+                fn_constructor_kwargs={"expert": expert, "shards": str(shard_dir(store.path)),
                                        "in_flight": in_flight, "backoff": backoff},
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1 if heavy else 1 / 8, num_gpus=1 if gpu else 0))
@@ -274,9 +292,15 @@ class ScoreBatch:
     """A Ray Data actor that scores blocks of ``(key, answer, reference)`` with one scorer."""
 
     def __init__(self, config: ScorerConfig):
-        self.scorer = make_scorer(config)
+        self.start_error: BaseException | None = None  # raised by __call__: see ExpertCalls
+        try:
+            self.scorer = make_scorer(config)
+        except Exception as exc:  # noqa: BLE001
+            self.start_error = exc
 
     def __call__(self, block: Mapping[str, Any]) -> dict[str, list[Any]]:
+        if self.start_error is not None:
+            raise portable(self.start_error)
         triples = [(str(k), str(a), str(r)) for k, a, r in zip(block["key"], block["answer"], block["reference"])]
         scores, problems = score_calls(triples, self.scorer, None, False)
         why = dict(problems)

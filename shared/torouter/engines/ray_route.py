@@ -29,12 +29,22 @@ class RouteBatch:
     def __init__(self, router_dir: str, cost_weight: float, max_cost: float | None):
         from ..routers import load_router
 
-        self.router = load_router(router_dir)
         self.cost_weight, self.max_cost = cost_weight, max_cost
-        # Encoders load on first use: load now, while the actor starts, not inside the first block.
-        self.router.route(["warm-up"])
+        # Ray restarts an actor whose constructor fails, without end: a router that cannot load
+        # fails the first block instead, and the run.
+        self.start_error: BaseException | None = None
+        try:
+            self.router = load_router(router_dir)
+            # Encoders load on first use: load now, while the actor starts, not inside the first block.
+            self.router.route(["warm-up"])
+        except Exception as exc:  # noqa: BLE001 - raised again, as it is, by __call__
+            self.start_error = exc
 
     def __call__(self, block: Mapping[str, Any]) -> dict[str, list[Any]]:
+        if self.start_error is not None:
+            from .ray_prepare import portable
+
+            raise portable(self.start_error)
         started, started_at = time.perf_counter(), time.time()
         prompts = [json.loads(str(p)) for p in block["prompt"]]
         experts = self.router.route(prompts, cost_weight=self.cost_weight, max_cost=self.max_cost)

@@ -64,7 +64,10 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 def ray_session(address: str | None = None, num_cpus: int | None = None, progress: bool = False) -> Iterator[Any]:
     """The ``ray`` module, connected for the length of the ``with`` block."""
     ray = import_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    # An expert's or scorer's own error (a ManifestError, a ScoreError) reaches the caller as it is.
+    context.raise_original_map_exception = True
     if not progress:  # Ray Data's per-dataset "Starting execution" lines
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address is not None:
