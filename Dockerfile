@@ -20,7 +20,6 @@ COPY shared ./shared
 COPY langchain_torouter ./langchain_torouter
 COPY llamaindex_torouter ./llamaindex_torouter
 COPY torouter_apps ./torouter_apps
-COPY tests ./tests
 RUN pip install ".[all]" && rm -rf /src
 
 RUN useradd --create-home --uid 10001 torouter
