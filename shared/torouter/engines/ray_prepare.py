@@ -14,7 +14,7 @@ Each block a worker answers has its own small SQLite shard under ``<cache>.shard
 named after the block's calls and written with the same ``CallCache`` (WAL, one commit per
 call, an OS lock while open), so a call counts as finished only once it is committed there.
 The driver copies each block's results into the run's cache as they stream back, then
-deletes the shard. What a lost worker finished stays in its shard and Ray retries the
+deletes the block's shard. What a lost worker finished stays in its shard and Ray retries the
 block on another worker, which reads the shard first and makes only the calls it lacks; what
 a killed driver had not yet copied is merged from the shards when the command is run again
 (and at the end of every run). On a cluster of several machines the cache's folder must be
@@ -64,18 +64,25 @@ def merge_shards(store: CallCache) -> int:
         return 0
     merged = 0
     for shard in sorted(folder.glob("*.sqlite"), key=lambda p: p.stat().st_mtime):
-        lock = CacheLock(shard)
-        try:
-            lock.acquire()
-        except CacheError:
-            continue
-        try:
-            merged += store.merge(shard)
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{shard}{suffix}").unlink(missing_ok=True)
-        finally:
-            lock.release()
-            lock.path.unlink(missing_ok=True)
+        merged += _take_shard(shard, store)
+    return merged
+
+
+def _take_shard(shard: Path, store: CallCache | None) -> int:
+    """Merge ``shard`` into ``store`` (unless None: its calls are there already) and delete it;
+    0 when a worker still holds it."""
+    lock = CacheLock(shard)
+    try:
+        lock.acquire()
+    except CacheError:
+        return 0
+    try:
+        merged = store.merge(shard) if store is not None and shard.exists() else 0
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{shard}{suffix}").unlink(missing_ok=True)
+    finally:
+        lock.release()
+        lock.path.unlink(missing_ok=True)
     return merged
 
 
@@ -233,6 +240,9 @@ class RayExecutor:
                         store.put(job.key, expert.name, expert.settings_hash, job.prompt_hash, result)
                         (stats.done if result["ok"] else stats.failed)[expert.name] += 1
                         task_s += float(task)
+                    # The block's calls are in the run's cache now: its shard is no longer needed.
+                    _take_shard(shard_dir(store.path) / f"{_block_name([str(k) for k in batch['key']])}.sqlite",
+                                None)
                     self.timings["driver_commit_s"] = (self.timings.get("driver_commit_s", 0.0)
                                                        + time.perf_counter() - commit_started)
             except (CacheError, KeyboardInterrupt):
