@@ -49,3 +49,20 @@ def test_the_local_engine_resumes_from_the_shards_of_a_killed_ray_run(tmp_path):
     again = prepare(tmp_path / "experts.yaml", prompts, out, score=None, progress=False)
     assert again.run.calls == 0 and again.cached_calls == 3
     assert not list(shards.glob("*.sqlite"))
+
+
+def test_actor_pools_hold_each_experts_concurrency_exactly():
+    from torouter.engines.ray_prepare import pool_size
+
+    for concurrency in (1, 3, 8, 64, 100, 128, 67):
+        for workers in (1, 2, 4, 16):
+            for heavy in (False, True):
+                actors = pool_size(concurrency, workers, heavy)
+                assert concurrency % actors == 0  # actors x calls in flight each == concurrency
+                if heavy:
+                    assert actors <= workers  # one model per worker
+                else:
+                    assert concurrency // actors <= 64
+    assert pool_size(8, 2, heavy=False) == 1      # a hosted API's calls share one actor
+    assert pool_size(100, 2, heavy=False) == 2    # ... up to 64 in flight each
+    assert pool_size(6, 4, heavy=True) == 3       # a local model: as many actors as workers allow
