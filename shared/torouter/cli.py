@@ -134,9 +134,16 @@ def route(
     out: Path = typer.Option(..., help="Where to write one {id, expert} line per record."),
     cost_weight: float = typer.Option(0.0, help="Quality units given up per dollar saved (0: quality only)."),
     max_cost: Optional[float] = typer.Option(None, help="Skip experts whose expected cost exceeds this."),
+    engine: str = typer.Option("local", help="Where the work runs: local (this process) or ray (a Ray cluster; "
+                                              "needs torouter[ray])."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: join this cluster (HOST:PORT, "
+                                                         "ray://HOST:PORT or auto) instead of starting Ray here."),
+    ray_cpus: Optional[int] = typer.Option(None, min=1, help="--engine ray without --ray-address: CPUs of the "
+                                                             "local Ray instance (default: all)."),
 ):
     """Choose an expert for every prompt of a file."""
     from .data import DataError, iter_prompts, write_jsonl
+    from .engines import EngineError, check_engine
 
     _writable(out)
     router = _load_router(router_dir)
@@ -144,7 +151,16 @@ def route(
         ids, prompts = zip(*iter_prompts(data))
     except DataError as exc:
         _fail(str(exc))
-    experts = router.route(list(prompts), cost_weight=cost_weight, max_cost=max_cost)
+    try:
+        if check_engine(engine) == "ray":
+            from .engines.ray_route import route_on_ray
+
+            experts = route_on_ray(router_dir, list(prompts), cost_weight=cost_weight, max_cost=max_cost,
+                                   address=ray_address, num_cpus=ray_cpus)
+        else:
+            experts = router.route(list(prompts), cost_weight=cost_weight, max_cost=max_cost)
+    except EngineError as exc:
+        _fail(str(exc))
     with _writing(out):
         write_jsonl(out, ({"id": i, "expert": e} for i, e in zip(ids, experts)))
     typer.echo(f"routed {len(ids)} prompts to {out}")
@@ -353,9 +369,16 @@ def prepare(
     sandbox: Optional[str] = typer.Option(None, help="code: 'namespaces' (default) or 'rlimits' (weaker: only "
                                                      "inside a disposable container; see SECURITY.md). "
                                                      "Default: $TOROUTER_SANDBOX."),
+    engine: str = typer.Option("local", help="Where the work runs: local (this process) or ray (a Ray cluster; "
+                                              "needs torouter[ray])."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: join this cluster (HOST:PORT, "
+                                                         "ray://HOST:PORT or auto) instead of starting Ray here."),
+    ray_cpus: Optional[int] = typer.Option(None, min=1, help="--engine ray without --ray-address: CPUs of the "
+                                                             "local Ray instance (default: all)."),
 ):
     """Query every expert on every prompt, score the answers and write routing data (resumable)."""
     from .data import DataError
+    from .engines import EngineError
     from .prepare import CacheError, ManifestError, PrepareError, ScoreError, ScorerConfig
     from .prepare import prepare as run_prepare
 
@@ -365,8 +388,9 @@ def prepare(
             config = ScorerConfig(metric=score, model=scorer_model, num_layers=layer, device=device,
                                   sandbox=sandbox)
         summary = run_prepare(experts, prompts, out, score=config, cache=cache, limit=limit,
-                              retry_failed=retry_failed, progress=progress, durable=durable)
-    except (DataError, ManifestError, PrepareError, ScoreError, CacheError) as exc:
+                              retry_failed=retry_failed, progress=progress, durable=durable, engine=engine,
+                              ray_address=ray_address, ray_cpus=ray_cpus)
+    except (DataError, ManifestError, PrepareError, ScoreError, CacheError, EngineError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: finished calls are saved in the cache; run the same command to resume",
@@ -401,17 +425,25 @@ def score(
     sandbox: Optional[str] = typer.Option(None, help="code: 'namespaces' (default) or 'rlimits' (weaker: only "
                                                      "inside a disposable container; see SECURITY.md). "
                                                      "Default: $TOROUTER_SANDBOX."),
+    engine: str = typer.Option("local", help="Where the work runs: local (this process) or ray (a Ray cluster; "
+                                              "needs torouter[ray])."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: join this cluster (HOST:PORT, "
+                                                         "ray://HOST:PORT or auto) instead of starting Ray here."),
+    ray_cpus: Optional[int] = typer.Option(None, min=1, help="--engine ray without --ray-address: CPUs of the "
+                                                             "local Ray instance (default: all)."),
 ):
     """Score recorded answers against each record's reference."""
     from .data import DataError
+    from .engines import EngineError
     from .prepare import PrepareError, ScoreError, ScorerConfig, rescore
 
     _writable(out)
     try:
         config = ScorerConfig(metric=metric, model=model, num_layers=layer, batch_size=batch_size, device=device,
                               timeout_s=timeout, memory_mb=memory_mb, sandbox=sandbox)
-        summary = rescore(data, out, config, progress=True)
-    except (DataError, ScoreError, PrepareError) as exc:
+        summary = rescore(data, out, config, progress=True, engine=engine, ray_address=ray_address,
+                          ray_cpus=ray_cpus)
+    except (DataError, ScoreError, PrepareError, EngineError) as exc:
         _fail(str(exc))
     typer.echo(f"scored {summary.scored} answers in {summary.records} records with {metric}; wrote {out}")
     for name, mean in summary.mean_score.items():

@@ -252,6 +252,20 @@ class CallCache:
             self._db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?)",
                                  [(key, scorer, value) for key, value in scores.items()])
 
+    def merge(self, other: str | os.PathLike) -> int:
+        """Copy the calls and scores of another cache file (a Ray worker's shard) into this one, in one
+        transaction; returns the calls copied. Rows of ``other`` replace rows with the same key."""
+        with self._guard("merging a shard"):
+            self._db.execute("ATTACH DATABASE ? AS shard", (str(other),))
+            try:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    copied = self._db.execute("INSERT OR REPLACE INTO calls SELECT * FROM shard.calls").rowcount
+                    self._db.execute("INSERT OR REPLACE INTO scores SELECT * FROM shard.scores")
+            finally:
+                self._db.execute("DETACH DATABASE shard")
+        return int(copied)
+
     def close(self) -> None:
         try:
             if self._connection is not None:

@@ -9,10 +9,11 @@ up where it stopped. ``rescore`` (re)scores a routing-data file's recorded answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -186,6 +187,21 @@ def score_calls(pairs: Sequence[tuple[str, str, str]], scorer: Scorer, cache: Ca
     return scores, problems
 
 
+@contextlib.contextmanager
+def _engine(engine: str, ray_address: str | None, ray_cpus: int | None, progress: bool) -> Iterator[Any]:
+    """None for the local engine; for ``ray``, an executor with ``run_calls`` and ``score_calls``
+    running on a Ray cluster (imported only then: Ray is the optional ``torouter[ray]`` extra)."""
+    from ..engines import check_engine
+
+    if check_engine(engine) == "local":
+        yield None
+        return
+    from ..engines.ray_prepare import ray_executor
+
+    with ray_executor(ray_address, ray_cpus, progress) as executor:
+        yield executor
+
+
 @dataclass
 class ExpertSummary:
     answered: int = 0
@@ -246,12 +262,15 @@ def prepare(experts: str | os.PathLike | Manifest | Sequence[Expert],
             out: str | os.PathLike, *, score: str | ScorerConfig | None = "bertscore",
             cache: str | os.PathLike | None = None, limit: int | None = None, retry_failed: bool = False,
             progress: bool = True, console=None, backoff: Backoff | None = None,
-            durable: bool = False) -> PrepareSummary:
+            durable: bool = False, engine: str = "local", ray_address: str | None = None,
+            ray_cpus: int | None = None) -> PrepareSummary:
     """Query every expert on every prompt, score the answers and write the routing data to ``out``.
 
     ``cache`` defaults to ``<out>.cache.sqlite``; failed calls are kept as errors and tried
     again only with ``retry_failed``. ``score=None`` writes answers with ``score: null``
-    (score them later with ``rescore``).
+    (score them later with ``rescore``). ``engine="ray"`` makes the calls and scores the
+    answers on a Ray cluster (``ray_address``, or a local instance of ``ray_cpus`` CPUs), with
+    the same records and cache (see ``torouter.engines.ray_prepare``).
     """
     out = Path(out)
     _check_out(out)  # before any call is paid for
@@ -272,7 +291,13 @@ def prepare(experts: str | os.PathLike | Manifest | Sequence[Expert],
         scorer.config.signature  # noqa: B018 - a scorer that cannot run fails before any call
     cache_path = Path(cache) if cache is not None else out.with_name(out.name + ".cache.sqlite")
 
-    with CallCache(cache_path, durable=durable) as store:
+    with _engine(engine, ray_address, ray_cpus, progress) as executor, \
+            CallCache(cache_path, durable=durable) as store:
+        # Calls finished by Ray workers of a run whose driver was killed (see engines.ray_prepare;
+        # no Ray needed to read them), whichever engine resumes it.
+        from ..engines.ray_prepare import merge_shards
+
+        merge_shards(store)
         jobs, keys = make_jobs(items, experts)
         done = store.get_many(j.key for j in jobs)
         pending = [j for j in jobs if j.key not in done or (retry_failed and not done[j.key].get("ok"))]
@@ -285,7 +310,10 @@ def prepare(experts: str | os.PathLike | Manifest | Sequence[Expert],
                 for expert in experts:
                     await expert.aclose()
 
-        stats = asyncio.run(run())
+        if executor is None:
+            stats = asyncio.run(run())
+        else:
+            stats = executor.run_calls(pending, experts, store, backoff)
         results = store.get_many(keys.values())
         scores: dict[tuple[str, str], float | None] = {}
         problems: list[str] = []
@@ -300,7 +328,8 @@ def prepare(experts: str | os.PathLike | Manifest | Sequence[Expert],
                     slot_key = canonical_hash([keys[(item.id, expert.name)], item.reference])
                     slots[(item.id, expert.name)] = slot_key
                     pairs.append((slot_key, result["text"], item.reference))
-            by_key, failures = score_calls(pairs, scorer, store, progress)
+            scoring = score_calls if executor is None else executor.score_calls
+            by_key, failures = scoring(pairs, scorer, store, progress)
             scores = {slot: by_key.get(slot_key) for slot, slot_key in slots.items()}
             names_of = {slot_key: f"{rid} / {name}" for (rid, name), slot_key in slots.items()}
             problems = [f"{names_of[key]}: {message}" for key, message in failures]
@@ -344,8 +373,10 @@ class RescoreSummary:
 
 
 def rescore(data: str | os.PathLike, out: str | os.PathLike, config: str | ScorerConfig = "bertscore",
-            progress: bool = False) -> RescoreSummary:
-    """Score every recorded answer of a routing-data file against its record's reference."""
+            progress: bool = False, engine: str = "local", ray_address: str | None = None,
+            ray_cpus: int | None = None) -> RescoreSummary:
+    """Score every recorded answer of a routing-data file against its record's reference
+    (``engine="ray"``: in batches on Ray actors, as ``prepare`` does)."""
     out = Path(out)
     _check_out(out)
     scorer = make_scorer(config)
@@ -363,7 +394,9 @@ def rescore(data: str | os.PathLike, out: str | os.PathLike, config: str | Score
             slots[key] = response
     if not pairs:
         raise DataError(f"{data}: no answers to score (records need 'reference' and responses need 'text')")
-    scores, failures = score_calls(pairs, scorer, None, progress)
+    with _engine(engine, ray_address, ray_cpus, progress) as executor:
+        scoring = score_calls if executor is None else executor.score_calls
+        scores, failures = scoring(pairs, scorer, None, progress)
     problems = [f"{key.replace(chr(0), ' / ')}: {message}" for key, message in failures]
     sums: dict[str, list[float]] = {}
     for key, response in slots.items():
