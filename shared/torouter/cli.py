@@ -251,13 +251,48 @@ def synth(
         typer.echo(f"wrote {len(records)} records to {out}")
 
 
+def _judge_setup(judge: Optional[str], mode: Optional[str], anchor: Optional[str], config: Optional[Path]):
+    """The judge settings the --judge* options give (None when no judge is asked for)."""
+    from .prepare import JudgeConfig, JudgeError, load_judge_config
+
+    if config is not None:
+        return load_judge_config(config, judge, mode=mode, anchor=anchor)
+    if judge is None:
+        if mode is not None or anchor is not None:
+            raise JudgeError("--judge-mode and --judge-anchor need --judge SPEC (or --judge-config)")
+        return None
+    return JudgeConfig(judge=judge, mode=mode or "pointwise", anchor=anchor)  # type: ignore[arg-type]
+
+
+def _echo_judge(summary) -> None:
+    """The judge's calls and cost, apart from the experts'."""
+    if summary is None:
+        return
+    typer.echo(f"  judge {summary.judge} ({summary.mode}): {summary.scored}/{summary.answers} answers scored, "
+               f"{summary.calls_made} calls made, {summary.cached_calls} from the cache, {summary.failed_calls} "
+               f"failed, {summary.malformed} unreadable after retries ({summary.retried} retried); judge cost "
+               f"${summary.total_cost:.6f} (${summary.cost_per_prompt:.6f} and {summary.calls_per_prompt:.1f} "
+               f"calls per labelled prompt)")
+
+
 @app.command()
 def prepare(
     experts: Path = typer.Option(..., help="Experts manifest (YAML): how to build each expert, its price and tier."),
     prompts: str = typer.Option(..., help="Prompts JSONL {id, prompt, reference, task}, or a named source: "
                                           "demo, arc-challenge, gsm8k, mbpp, pubmedqa."),
     out: Path = typer.Option(..., help="Routing data to write (JSONL)."),
-    score: str = typer.Option("bertscore", help="Metric: bertscore, exact, choice, numeric, code, or none."),
+    score: str = typer.Option("auto", help="Metric: bertscore, exact, choice, numeric, code, judge or none; or one "
+                                           "per task: gsm8k=numeric,mbpp=code,*=judge. auto: the benchmarks' "
+                                           "natural metric (gsm8k numeric, mbpp code, arc/pubmedqa choice), "
+                                           "bertscore for other tasks."),
+    judge: Optional[str] = typer.Option(None, help="Judge for the judge metric: an init_chat_model string "
+                                                   "(openai:gpt-4o-mini), hf:MODEL / pypi:PKG (local), "
+                                                   "python:mod:fn, llamaindex:mod.Class or experts.yaml#NAME."),
+    judge_mode: Optional[str] = typer.Option(None, help="pointwise (grade on a rubric, default) or pairwise "
+                                                        "(win rate against --judge-anchor, both orders)."),
+    judge_anchor: Optional[str] = typer.Option(None, help="pairwise: the expert every answer is compared with."),
+    judge_config: Optional[Path] = typer.Option(None, help="YAML: judge, mode, anchor, rubric, template, low, "
+                                                           "high, attempts, tasks: {TASK: {rubric, template}}."),
     cache: Optional[Path] = typer.Option(None, help="SQLite call cache (default: OUT.cache.sqlite)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
     retry_failed: bool = typer.Option(False, help="Call again the (prompt, expert) pairs that failed before."),
@@ -272,17 +307,16 @@ def prepare(
 ):
     """Query every expert on every prompt, score the answers and write routing data (resumable)."""
     from .data import DataError
-    from .prepare import CacheError, ManifestError, PrepareError, ScoreError, ScorerConfig
+    from .prepare import CacheError, JudgeError, ManifestError, PrepareError, ScoreError, ScorerConfig
     from .prepare import prepare as run_prepare
 
-    config = None
     try:
-        if score != "none":
-            config = ScorerConfig(metric=score, model=scorer_model, num_layers=layer, device=device,
-                                  sandbox=sandbox)
-        summary = run_prepare(experts, prompts, out, score=config, cache=cache, limit=limit,
-                              retry_failed=retry_failed, progress=progress, durable=durable)
-    except (DataError, ManifestError, PrepareError, ScoreError, CacheError) as exc:
+        options = ScorerConfig(model=scorer_model, num_layers=layer, device=device, sandbox=sandbox)
+        judging = _judge_setup(judge, judge_mode, judge_anchor, judge_config)
+        summary = run_prepare(experts, prompts, out, score=None if score == "none" else score, cache=cache,
+                              limit=limit, retry_failed=retry_failed, progress=progress, durable=durable,
+                              judge=judging, scorer_options=options)
+    except (DataError, ManifestError, PrepareError, ScoreError, CacheError, JudgeError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: finished calls are saved in the cache; run the same command to resume",
@@ -297,6 +331,7 @@ def prepare(
         typer.echo(f"  {name}: {s.answered} answered, {s.failed} failed, mean score {mean}, "
                    f"total cost ${s.total_cost:.6f}")
         failed += s.failed
+    _echo_judge(summary.judge)
     for problem in summary.problems[:5]:
         typer.secho(f"  not scored: {problem}", err=True)
     if failed:
@@ -306,8 +341,15 @@ def prepare(
 @app.command()
 def score(
     data: Path = typer.Argument(..., help="Routing data whose recorded answers to (re)score."),
-    metric: str = typer.Option("bertscore", help="bertscore, exact, choice, numeric or code."),
+    metric: str = typer.Option("bertscore", help="bertscore, exact, choice, numeric, code or judge; or one per "
+                                                 "task: gsm8k=numeric,*=judge (auto: the benchmarks' natural "
+                                                 "metrics, bertscore for the rest)."),
     out: Path = typer.Option(..., help="Where to write the rescored routing data."),
+    judge: Optional[str] = typer.Option(None, help="Judge for the judge metric (see prepare --judge)."),
+    judge_mode: Optional[str] = typer.Option(None, help="pointwise (default) or pairwise."),
+    judge_anchor: Optional[str] = typer.Option(None, help="pairwise: the expert every answer is compared with."),
+    judge_config: Optional[Path] = typer.Option(None, help="Judge settings YAML (see prepare --judge-config)."),
+    cache: Optional[Path] = typer.Option(None, help="SQLite cache of judge calls (default: OUT.cache.sqlite)."),
     model: Optional[str] = typer.Option(None, help="BERTScore model id or path (default: offline MiniLM)."),
     layer: Optional[int] = typer.Option(None, help="BERTScore layer (needed for models bert-score does not know)."),
     batch_size: int = typer.Option(64, help="BERTScore batch size."),
@@ -320,18 +362,20 @@ def score(
 ):
     """Score recorded answers against each record's reference."""
     from .data import DataError
-    from .prepare import PrepareError, ScoreError, ScorerConfig, rescore
+    from .prepare import CacheError, JudgeError, ManifestError, PrepareError, ScoreError, ScorerConfig, rescore
 
     _writable(out)
     try:
-        config = ScorerConfig(metric=metric, model=model, num_layers=layer, batch_size=batch_size, device=device,
-                              timeout_s=timeout, memory_mb=memory_mb, sandbox=sandbox)
-        summary = rescore(data, out, config, progress=True)
-    except (DataError, ScoreError, PrepareError) as exc:
+        options = ScorerConfig(model=model, num_layers=layer, batch_size=batch_size, device=device,
+                               timeout_s=timeout, memory_mb=memory_mb, sandbox=sandbox)
+        judging = _judge_setup(judge, judge_mode, judge_anchor, judge_config)
+        summary = rescore(data, out, metric, progress=True, judge=judging, cache=cache, scorer_options=options)
+    except (DataError, ScoreError, PrepareError, JudgeError, ManifestError, CacheError) as exc:
         _fail(str(exc))
     typer.echo(f"scored {summary.scored} answers in {summary.records} records with {metric}; wrote {out}")
     for name, mean in summary.mean_score.items():
         typer.echo(f"  {name}: mean score {mean:.3f}")
+    _echo_judge(summary.judge)
     for problem in summary.problems[:5]:
         typer.secho(f"  not scored: {problem}", err=True)
     if summary.unscored:
