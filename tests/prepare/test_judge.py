@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from torouter.cli import app
-from torouter.prepare import JudgeConfig, JudgeError, prepare, rescore
+from torouter.prepare import JudgeConfig, JudgeError, prepare
 from torouter.prepare.judge import judge_spec, parse_grade, parse_verdict
 from torouter.prepare.runner import Backoff
 
