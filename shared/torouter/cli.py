@@ -275,6 +275,25 @@ def _echo_judge(summary) -> None:
                f"calls per labelled prompt)")
 
 
+def _echo_plan(plan) -> None:
+    """What a prepare run will call and its expected cost, printed before any call is made."""
+    sel = plan.selection
+    notes = [f"{sel.read} read"]
+    if sel.duplicates:
+        notes.append(f"{sel.duplicates} repeats dropped")
+    if sel.sampled_from is not None:
+        notes.append(f"sampled {plan.prompts} of {sel.sampled_from}, stratified by task")
+    tasks = ", ".join(f"{t} {n}" for t, n in sorted(sel.tasks.items()))
+    typer.echo(f"plan: {plan.prompts} prompts ({'; '.join(notes)}; tasks: {tasks})")
+    for name, p in plan.experts.items():
+        typer.echo(f"  {name}: {p.calls} calls to make, {p.cached} cached; about {p.input_tokens} input and at most "
+                   f"{p.output_tokens} output tokens, ${p.dollars:.6f}")
+    if plan.judge is not None:
+        typer.echo(f"  judge {plan.judge_name}: about {plan.judge.calls} calls (at most, before the cache), "
+                   f"${plan.judge.dollars:.6f}")
+    typer.echo(f"  expected cost at most ${plan.total_dollars:.6f} (${plan.dollars_per_prompt:.6f} per prompt)")
+
+
 @app.command()
 def prepare(
     experts: Path = typer.Option(..., help="Experts manifest (YAML): how to build each expert, its price and tier."),
@@ -295,6 +314,12 @@ def prepare(
                                                            "high, attempts, tasks: {TASK: {rubric, template}}."),
     cache: Optional[Path] = typer.Option(None, help="SQLite call cache (default: OUT.cache.sqlite)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    dedup: bool = typer.Option(False, help="Drop repeated prompts (same text up to case, spacing, punctuation)."),
+    similar: Optional[float] = typer.Option(None, help="Also drop near-identical prompts: word 3-shingle "
+                                                       "Jaccard at least this (0-1, e.g. 0.8)."),
+    max_prompts: Optional[int] = typer.Option(None, help="Label at most N prompts: a sample stratified by task."),
+    seed: int = typer.Option(0, help="Seed of the --max-prompts sample."),
+    dry_run: bool = typer.Option(False, help="Print the planned calls and their expected cost; call nothing."),
     retry_failed: bool = typer.Option(False, help="Call again the (prompt, expert) pairs that failed before."),
     scorer_model: Optional[str] = typer.Option(None, help="BERTScore model id or path (default: offline MiniLM)."),
     layer: Optional[int] = typer.Option(None, help="BERTScore layer (needed for models bert-score does not know)."),
@@ -310,12 +335,22 @@ def prepare(
     from .prepare import CacheError, JudgeError, ManifestError, PrepareError, ScoreError, ScorerConfig
     from .prepare import prepare as run_prepare
 
+    from .prepare.pipeline import plan_prepare, select_prompts
+
+    metric = None if score == "none" else score
     try:
         options = ScorerConfig(model=scorer_model, num_layers=layer, device=device, sandbox=sandbox)
         judging = _judge_setup(judge, judge_mode, judge_anchor, judge_config)
-        summary = run_prepare(experts, prompts, out, score=None if score == "none" else score, cache=cache,
-                              limit=limit, retry_failed=retry_failed, progress=progress, durable=durable,
-                              judge=judging, scorer_options=options)
+        items, selection = select_prompts(prompts, limit=limit, dedup=dedup, similarity=similar,
+                                          max_prompts=max_prompts, seed=seed)
+        plan = plan_prepare(experts, items, metric, judge=judging, scorer_options=options, selection=selection,
+                            cache=cache or out.with_name(out.name + ".cache.sqlite"), retry_failed=retry_failed)
+        _echo_plan(plan)
+        if dry_run:
+            typer.echo("dry run: no call made, nothing written")
+            return
+        summary = run_prepare(experts, items, out, score=metric, cache=cache, retry_failed=retry_failed,
+                              progress=progress, durable=durable, judge=judging, scorer_options=options)
     except (DataError, ManifestError, PrepareError, ScoreError, CacheError, JudgeError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

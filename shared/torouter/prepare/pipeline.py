@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import (DataError, OutputPathError, Prompt, Record, check_id_and_prompt, check_writable,
-                    iter_json_objects, iter_jsonl, validate_record, write_jsonl)
+                    iter_json_objects, iter_jsonl, prompt_text, validate_record, write_jsonl)
 from .cache import CallCache, call_key, canonical_hash
 from .backends import build_experts
 from .base import Expert
@@ -388,6 +388,120 @@ def _items(prompts: str | os.PathLike | Sequence[Mapping[str, Any] | PromptItem]
     if isinstance(prompts, (str, os.PathLike)):
         return resolve_prompts(prompts, limit)
     return prompt_items(prompts)[:limit]
+
+
+@dataclass
+class Selection:
+    """Which prompts a run uses: how many were read, dropped as repeats, and sampled."""
+
+    read: int
+    duplicates: int = 0
+    sampled_from: int | None = None
+    tasks: dict[str, int] = field(default_factory=dict)
+
+
+def select_prompts(prompts: str | os.PathLike | Sequence[Mapping[str, Any] | PromptItem], *, limit: int | None = None,
+                   dedup: bool = False, similarity: float | None = None, max_prompts: int | None = None,
+                   seed: int = 0) -> tuple[list[PromptItem], Selection]:
+    """The prompts a run labels: read (the first ``limit``), repeats dropped (``dedup``, near-identical
+    ones too with ``similarity``), then ``max_prompts`` of them sampled, stratified by task."""
+    from ..traffic import dedup_prompts, sample_prompts, task_counts
+
+    items = _items(prompts, limit)
+    selection = Selection(read=len(items))
+    if dedup or similarity is not None:
+        items, selection.duplicates = dedup_prompts(items, similarity)
+    if max_prompts is not None and max_prompts < len(items):
+        selection.sampled_from = len(items)
+        items = sample_prompts(items, max_prompts, seed)
+    elif max_prompts is not None and max_prompts < 1:
+        raise DataError(f"max_prompts must be >= 1, got {max_prompts}")
+    selection.tasks = task_counts(items)
+    return items, selection
+
+
+DEFAULT_ANSWER_TOKENS = 256
+"""Answer length assumed for an expert with no ``max_new_tokens`` when a run's cost is planned."""
+
+
+@dataclass
+class CallPlan:
+    calls: int = 0
+    cached: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    dollars: float = 0.0
+
+
+@dataclass
+class PreparePlan:
+    """What a run would do before it does it: calls per expert and for the judge, and their expected cost."""
+
+    prompts: int
+    selection: Selection
+    experts: dict[str, CallPlan]
+    judge: CallPlan | None = None
+    judge_name: str | None = None
+
+    @property
+    def expert_dollars(self) -> float:
+        return sum(p.dollars for p in self.experts.values())
+
+    @property
+    def total_dollars(self) -> float:
+        return self.expert_dollars + (self.judge.dollars if self.judge else 0.0)
+
+    @property
+    def dollars_per_prompt(self) -> float:
+        return self.total_dollars / self.prompts if self.prompts else 0.0
+
+
+def plan_prepare(experts: str | os.PathLike | Manifest | Sequence[Expert], items: Sequence[PromptItem],
+                 score: str | ScorerConfig | Mapping[str, str] | MetricMap | None = "bertscore", *,
+                 judge: JudgeConfig | None = None, cache: str | os.PathLike | None = None,
+                 scorer_options: ScorerConfig | None = None, selection: Selection | None = None,
+                 retry_failed: bool = False) -> PreparePlan:
+    """The calls ``prepare`` would make and their expected dollars; makes none and writes nothing.
+
+    Input tokens are estimated from the prompt (four characters a token); each answer is
+    taken to be the expert's ``max_new_tokens`` long (``DEFAULT_ANSWER_TOKENS`` without
+    one), so the cost is an upper estimate. Calls already in an existing ``cache`` are not
+    counted. Judge calls are planned at one attempt each (a retried verdict costs more).
+    """
+    from .base import estimate_tokens
+    from .judge import estimate_judge_cost
+
+    experts = _experts(experts)
+    scoring = make_scoring(score, scorer_options, judge)
+    judge_obj = _check_judge(scoring, experts)
+    jobs, keys = make_jobs(items, experts)
+    done: dict[str, Any] = {}
+    if cache is not None and Path(cache).is_file():
+        with CallCache(cache, lock=False) as store:
+            done = store.get_many(j.key for j in jobs)
+    by_name = {e.name: e for e in experts}
+    plans = {e.name: CallPlan() for e in experts}
+    for job in jobs:
+        plan = plans[job.expert]
+        if job.key in done and (done[job.key].get("ok") or not retry_failed):
+            plan.cached += 1
+            continue
+        expert = by_name[job.expert]
+        tokens_in = estimate_tokens(prompt_text(job.prompt)) + estimate_tokens(expert.spec.generation.system_prompt
+                                                                               or "")
+        tokens_out = expert.spec.generation.max_new_tokens or DEFAULT_ANSWER_TOKENS
+        plan.calls += 1
+        plan.input_tokens += tokens_in
+        plan.output_tokens += tokens_out
+        plan.dollars += expert.spec.price.cost(tokens_in, tokens_out)
+    result = PreparePlan(prompts=len(items), selection=selection or Selection(read=len(items)), experts=plans)
+    if judge_obj is not None and scoring is not None and scoring.judge is not None:
+        judged = [(item.prompt, item.reference) for item in items if scoring.metrics.for_task(item.task) == "judge"]
+        answer_tokens = max((e.spec.generation.max_new_tokens or DEFAULT_ANSWER_TOKENS) for e in experts)
+        calls, dollars = estimate_judge_cost(judge_obj, scoring.judge, judged, answer_tokens, len(experts))
+        result.judge = CallPlan(calls=calls, dollars=dollars)
+        result.judge_name = judge_obj.name
+    return result
 
 
 def _check_judge(scoring: Scoring | None, experts: Sequence[Expert]) -> Expert | None:
