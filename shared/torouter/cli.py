@@ -18,7 +18,8 @@ import typer.models
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train and evaluate TO-Router style LLM routers.")
-import_app = typer.Typer(no_args_is_help=True, help="Convert published routing benchmarks to torouter JSONL.")
+import_app = typer.Typer(no_args_is_help=True, help="Convert published routing benchmarks, and prompts from an "
+                                                    "application's traffic, to torouter JSONL.")
 app.add_typer(import_app, name="import")
 
 
@@ -221,6 +222,78 @@ def import_routerbench(
         write_jsonl(out, records)
     experts = {name for r in records for name in r.responses}
     typer.echo(f"wrote {len(records)} records over {len(experts)} experts to {out}")
+
+
+def _write_traffic(rows: list, out: Path, dedup: bool, similar: Optional[float], max_prompts: Optional[int],
+                   seed: int, what: str) -> None:
+    """Dedup, sample and write imported prompts, saying what was kept."""
+    from .data import DataError, write_jsonl
+    from .traffic import dedup_prompts, sample_prompts, task_counts
+
+    read = len(rows)
+    dropped = 0
+    try:
+        if dedup or similar is not None:
+            rows, dropped = dedup_prompts(rows, similar)
+        if max_prompts is not None:
+            rows = sample_prompts(rows, max_prompts, seed)
+    except DataError as exc:
+        _fail(str(exc))
+    if not rows:
+        _fail(f"no prompts found in the given {what} files")
+    with _writing(out):
+        write_jsonl(out, rows)
+    tasks = ", ".join(f"{t} {n}" for t, n in sorted(task_counts(rows).items()))
+    typer.echo(f"wrote {len(rows)} prompts to {out} ({read} read, {dropped} repeats dropped; tasks: {tasks})")
+
+
+_DEDUP_HELP = "Drop repeated prompts (same text up to case, spacing and punctuation)."
+_SIMILAR_HELP = "Also drop near-identical prompts: word 3-shingle Jaccard at least this (0-1)."
+_MAX_HELP = "Keep at most N prompts: a sample stratified by task."
+
+
+@import_app.command("openai")
+def import_openai(
+    files: list[Path] = typer.Argument(..., help='OpenAI chat-format JSONL files: {"messages": [...]} per line.'),
+    out: Path = typer.Option(..., help="Prompts JSONL for torouter prepare --prompts."),
+    include_answers: bool = typer.Option(False, help="Keep each line's final assistant message as 'answer'."),
+    dedup: bool = typer.Option(True, help=_DEDUP_HELP),
+    similar: Optional[float] = typer.Option(None, help=_SIMILAR_HELP),
+    max_prompts: Optional[int] = typer.Option(None, help=_MAX_HELP),
+    seed: int = typer.Option(0, help="Seed of the --max-prompts sample."),
+):
+    """Prompts from OpenAI chat-format logs, ready for torouter prepare."""
+    from .data import DataError
+    from .traffic import read_openai_chat
+
+    _writable(out)
+    try:
+        rows = read_openai_chat(files, include_answers=include_answers)
+    except DataError as exc:
+        _fail(str(exc))
+    _write_traffic(rows, out, dedup, similar, max_prompts, seed, "OpenAI chat")
+
+
+@import_app.command("langsmith")
+def import_langsmith(
+    files: list[Path] = typer.Argument(..., help="LangSmith run exports (JSON list of runs, or JSONL)."),
+    out: Path = typer.Option(..., help="Prompts JSONL for torouter prepare --prompts."),
+    include_answers: bool = typer.Option(False, help="Keep each run's output text as 'answer'."),
+    dedup: bool = typer.Option(True, help=_DEDUP_HELP),
+    similar: Optional[float] = typer.Option(None, help=_SIMILAR_HELP),
+    max_prompts: Optional[int] = typer.Option(None, help=_MAX_HELP),
+    seed: int = typer.Option(0, help="Seed of the --max-prompts sample."),
+):
+    """Prompts from the llm and chat_model runs of a LangSmith export, ready for torouter prepare."""
+    from .data import DataError
+    from .traffic import read_langsmith_runs
+
+    _writable(out)
+    try:
+        rows = read_langsmith_runs(files, include_answers=include_answers)
+    except DataError as exc:
+        _fail(str(exc))
+    _write_traffic(rows, out, dedup, similar, max_prompts, seed, "LangSmith")
 
 
 @app.command()

@@ -31,6 +31,10 @@ def right(prompt):
 def wrong(prompt):
     return {"text": "It is 7.", "input_tokens": 10, "output_tokens": 4}
 
+def logged(prompt):
+    _log("expert", prompt)
+    return right(prompt)
+
 def _section(prompt, name, end):
     return prompt.split(name + "\\n", 1)[1].split(end, 1)[0]
 
@@ -307,3 +311,33 @@ def test_judge_calls_survive_kill_9(workdir):
     assert calls_before - before <= 2
     records = _records(workdir / "judged.jsonl")
     assert all(r["responses"]["right"]["score"] == pytest.approx(8 / 9) for r in records.values())
+
+
+def test_dry_run_prints_the_plan_and_makes_no_call(workdir):
+    (workdir / "logged.yaml").write_text(
+        "experts:\n"
+        "  - {name: a, tier: cloud, python: {callable: 'judge_mod:logged'},\n"
+        "     price: {input_per_million: 1000, output_per_million: 2000}, generation: {max_new_tokens: 100}}\n"
+        "  - {name: b, tier: edge, python: {callable: 'judge_mod:logged'},\n"
+        "     price: {per_call: 0.001}}\n")
+    many = [{"id": f"q{i}", "prompt": f"question {i % 6}", "task": "t" + str(i % 3)} for i in range(30)]
+    (workdir / "many.jsonl").write_text("".join(json.dumps(p) + "\n" for p in many))
+    runner = CliRunner()
+    args = ["prepare", "--experts", "logged.yaml", "--prompts", "many.jsonl", "--out", "data.jsonl", "--score",
+            "judge", "--judge", "judges.yaml#grader", "--dedup", "--max-prompts", "4", "--no-progress"]
+    result = runner.invoke(app, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "plan: 4 prompts (30 read; 24 repeats dropped; sampled 4 of 6, stratified by task" in result.output
+    assert "a: 4 calls to make, 0 cached; about 12 input and at most 400 output tokens, $0.812000" in result.output
+    assert "b: 4 calls to make, 0 cached; about 12 input and at most 1024 output tokens, $0.004000" in result.output
+    assert "judge grader: about 8 calls" in result.output
+    assert "dry run: no call made, nothing written" in result.output
+    assert _log(workdir) == []                                             # no expert, no judge called
+    assert not (workdir / "data.jsonl").exists() and not (workdir / "data.jsonl.cache.sqlite").exists()
+
+    made = runner.invoke(app, args)
+    assert made.exit_code == 0, made.output
+    assert "4 records to data.jsonl: 8 calls made" in made.output
+    assert len(_log(workdir, "expert")) == 8 and len(_log(workdir, "grader")) == 8
+    again = runner.invoke(app, [*args, "--dry-run"])
+    assert "a: 0 calls to make, 4 cached" in again.output                  # the plan reads the cache
