@@ -151,7 +151,7 @@ class BaseTORouter(BaseModel):
         if decision is None:
             decision = self.controller.decide(prompt, **self._options(forced, cost_weight, max_cost))
         if self.capture is not None:
-            self.capture.record(prompt, decision, metadata=metadata)
+            self.capture.record(prompt, decision, metadata=metadata, source="langchain")
         return decision, forced is not None
 
     async def _adecide(self, input: Any, kwargs: dict[str, Any],
@@ -163,7 +163,7 @@ class BaseTORouter(BaseModel):
         if decision is None:
             decision = await self.controller.adecide(prompt, **self._options(forced, cost_weight, max_cost))
         if self.capture is not None:
-            self.capture.record(prompt, decision, metadata=metadata)
+            self.capture.record(prompt, decision, metadata=metadata, source="langchain")
         return decision, forced is not None
 
     # --- batch: one router call for the whole batch -------------------------------------

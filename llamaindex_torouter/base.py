@@ -363,7 +363,7 @@ class TORouterLLM(FunctionCallingLLM):
                                            cost_weight=cost_weight, max_cost=max_cost)
         self._emit_decision(decision, expert is not None, tools)
         if self.capture is not None:
-            self.capture.record(routed, decision)
+            self.capture.record(routed, decision, source="llamaindex")
         return decision
 
     @dispatcher.span
@@ -376,7 +376,7 @@ class TORouterLLM(FunctionCallingLLM):
                                                   cost_weight=cost_weight, max_cost=max_cost)
         self._emit_decision(decision, expert is not None, tools)
         if self.capture is not None:
-            self.capture.record(routed, decision)
+            self.capture.record(routed, decision, source="llamaindex")
         return decision
 
     def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, Any], Any]:

@@ -72,7 +72,8 @@ class PromptCapture:
         return text
 
     def clean_prompt(self, prompt: Prompt) -> Prompt:
-        """The prompt as routing data holds it: text, or ``{role, content}`` messages, masked."""
+        """The prompt as routing data holds it, masked: text for a lone user turn, else
+        ``{role, content}`` messages."""
         if isinstance(prompt, str):
             return self.mask(prompt)
         messages = []
@@ -86,6 +87,8 @@ class PromptCapture:
             role = _ROLES.get(role, role.split(".")[-1].lower())
             if content.strip():
                 messages.append({"role": role, "content": self.mask(content)})
+        if len(messages) == 1 and messages[0]["role"] == "user":
+            return messages[0]["content"]  # a lone user turn is plain text, as the importers write it
         return messages
 
     def _metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,8 +116,8 @@ class PromptCapture:
         if isinstance(task, str) and task:
             line["task"] = task
         line["captured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        if source or self.source:
-            line["source"] = source or self.source
+        if self.source or source:
+            line["source"] = self.source or source  # the capture's own label wins over the caller's
         if expert:
             line["routed_to"] = expert
         if self.include_answers and answer is not None:
