@@ -63,6 +63,11 @@ def _message(obj: Any, where: str) -> dict[str, Any]:
     return {"role": role, "content": content_text(content)}
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, else an empty one (optional sections of a log line)."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def _split_answer(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
     """The conversation up to the last answer, and that answer (None when it ends on a user turn)."""
     if messages and messages[-1]["role"] == "assistant":
@@ -112,7 +117,7 @@ def read_openai_chat(paths: Iterable[str | os.PathLike], include_answers: bool =
             prompt = _prompt_of(messages)
             if prompt is None:
                 continue
-            metadata = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+            metadata = _mapping(obj.get("metadata"))
             line = where.rsplit(":", 1)[-1]
             rid = str(obj["id"]) if obj.get("id") not in (None, "") else f"{path.stem}-{line}"
             rows.append(_row(rid, prompt, obj.get("task") or metadata.get("task"), answer, include_answers,
@@ -195,9 +200,7 @@ def read_langsmith_runs(paths: Iterable[str | os.PathLike], include_answers: boo
             inputs = run.get("inputs")
             if not isinstance(inputs, Mapping):
                 continue
-            extra = run.get("extra") if isinstance(run.get("extra"), Mapping) else {}
-            metadata = extra.get("metadata") if isinstance(extra.get("metadata"), Mapping) else {}
-            task = metadata.get("task")
+            task = _mapping(_mapping(run.get("extra")).get("metadata")).get("task")
             answer = _run_answer(run.get("outputs"))
             conversations = _run_conversations(inputs, where)
             for i, messages in enumerate(conversations):
