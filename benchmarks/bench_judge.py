@@ -2,7 +2,10 @@
 
 The shipped demo prompts (math, code, knowledge, biomedical: every one has a verifiable
 answer) are answered by the two local experts of ``torouter demo`` (SmolLM2-135M and
-Gemma 3 270M, offline GGUF). Every answer is scored twice:
+Gemma 3 270M, offline GGUF) and by a control, ``reference``, that answers with the known right
+answer (the worked math solution, the reference code, the option letter, yes/no/maybe): the two tiny
+models are almost never right on these prompts, so without it there would be no right answer for a
+judge to recognise. Every answer is scored twice:
 
 - **verifiable**: numeric (math), the tests in the sandbox (code), choice (knowledge, biomedical);
 - **judge**: each local model as an LLM judge, pointwise on the default rubric *without* the
@@ -30,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -37,6 +41,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the control expert is imported from here
 
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
@@ -49,11 +54,24 @@ from torouter.prepare.manifest import ExpertSpec  # noqa: E402
 VERIFIABLE = "math=numeric,code=code,knowledge=choice,biomed=choice"
 
 
+def reference_answer(prompt: str) -> dict:
+    """The control expert: the demo prompt's known right answer (code: its reference solution)."""
+    for row in demo_prompts():
+        if row["prompt"] == prompt:
+            text = row.get("solution") or row["reference"]
+            return {"text": text, "input_tokens": len(prompt) // 4, "output_tokens": len(text) // 4}
+    raise KeyError("not a demo prompt")
+
+
 def _demo_manifest(max_new_tokens: int):
     path = Path(str(resources.files("torouter").joinpath("demo_experts.yaml")))
     manifest = load_manifest(path)
     for spec in manifest.experts:
         spec.generation.max_new_tokens = max_new_tokens
+    control = ExpertSpec.model_validate({"name": "reference", "tier": "cloud",
+                                         "python": {"callable": "bench_judge:reference_answer"},
+                                         "price": {"input_per_million": 0.05, "output_per_million": 0.1}})
+    manifest.experts.append(control)
     return manifest
 
 
@@ -147,7 +165,7 @@ def main() -> None:
     truth = _scores(answers)
 
     judges: list[tuple[str, JudgeConfig]] = []
-    for expert in manifest.experts:
+    for expert in manifest.experts[:2]:  # the two local models judge; the control does not
         spec = _judge_spec(expert, args.judge_tokens)
         judges.append((f"{expert.name} pointwise", JudgeConfig(judge=spec, show_reference=False,
                                                                attempts=args.attempts)))
