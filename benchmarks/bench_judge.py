@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from torouter import RoutingDataset, make_router  # noqa: E402
-from torouter.data import iter_jsonl  # noqa: E402
+from torouter.data import Record, iter_jsonl  # noqa: E402
 from torouter.prepare import JudgeConfig, demo_prompts, load_manifest, prepare, rescore  # noqa: E402
 from torouter.prepare.manifest import ExpertSpec  # noqa: E402
 
@@ -129,6 +129,10 @@ def router_quality(truth_path: Path, labels_path: Path, folds: int, seed: int = 
         train = [r for i, r in enumerate(labelled) if i not in test_idx
                  and any(resp.get("score") is not None for resp in r.responses.values())]
         test = [labelled[i] for i in sorted(test_idx)]
+        # An expert the labels never score cannot be routed to (a judge that never gave it a readable verdict).
+        observed = {n for r in train for n, resp in r.responses.items() if resp.get("score") is not None}
+        train = [Record(r.id, r.prompt, {n: v for n, v in r.responses.items() if n in observed}, r.reference, r.task)
+                 for r in train]
         if not train or not test:
             continue
         router = make_router("knn", k=min(5, len(train))).fit(RoutingDataset(train))
@@ -148,6 +152,7 @@ def main() -> None:
     parser.add_argument("--no-pairwise", action="store_true")
     parser.add_argument("--attempts", type=int, default=2, help="readings of a judge's verdict before unobserved")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--retry-failed", action="store_true", help="call again expert calls that failed before")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / ".bench_judge")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +162,8 @@ def main() -> None:
     items = demo_prompts(limit=args.prompts)
     answers = args.out / f"answers-{args.prompts}.jsonl"
     start = time.perf_counter()
-    summary = prepare(manifest, items, answers, score=VERIFIABLE, cache=cache, progress=False)
+    summary = prepare(manifest, items, answers, score=VERIFIABLE, cache=cache, progress=False,
+                      retry_failed=args.retry_failed)
     print(f"experts: {summary.records} prompts x {len(manifest.experts)} experts, {summary.run.calls} calls made "
           f"({summary.cached_calls} cached) in {time.perf_counter() - start:.0f} s")
     for name, s in summary.experts.items():

@@ -55,6 +55,8 @@ class PromptCapture:
         self._redactor = Redactor()
         self._lock = threading.Lock()
         self.captured = 0
+        self.errors = 0
+        self.last_error: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -149,7 +151,7 @@ class PromptCapture:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                self.errors = getattr(self, "errors", 0) + 1
+                self.errors += 1
                 self.last_error = f"{self.path}: {exc.strerror or exc}"
                 return None
             self.captured += 1

@@ -412,8 +412,9 @@ def judge_answers(config: JudgeConfig, items: Sequence[Judged], store: CallCache
             await judge.aclose()
 
     asyncio.run(run_all())
+    final = store.get_many(r.key for r in requests if r.key)
     for request in requests:
-        result = store.get_many([request.key]).get(request.key) if request.key else None
+        result = final.get(request.key)
         if result is not None and not result.get("ok"):
             summary.failed_calls += 1
         elif request.verdict is None:
