@@ -24,7 +24,7 @@ verifiable labels (``--folds``-fold cross-validation).
 Every call is cached in ``--out`` (default ``benchmarks/.bench_judge``): a second run
 prints the same figures without calling a model.
 
-    python benchmarks/bench_judge.py [--prompts 24] [--judge-tokens 8] [--judge SPEC] [--no-pairwise]
+    python benchmarks/bench_judge.py [--prompts 12] [--judge-tokens 8] [--judge SPEC] [--no-pairwise]
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def router_quality(truth_path: Path, labels_path: Path, folds: int, seed: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="experts' answer length")
     parser.add_argument("--judge-tokens", type=int, default=8, help="judges' reply length")
     parser.add_argument("--judge", action="append", default=[], help="an extra judge SPEC (pointwise)")
