@@ -19,6 +19,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list, get_executor_for_config
 from langchain_core.runnables.utils import gather_with_concurrency
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from torouter.capture import PromptCapture, as_capture
 from torouter.controller import Controller
 from torouter.policy import Decision
 from torouter.routers import Router
@@ -61,6 +62,11 @@ class BaseTORouter(BaseModel):
     fallbacks: bool = True
     """Let the next expert in the ranking answer when the chosen one fails before any output."""
 
+    capture: PromptCapture | None = Field(default=None, exclude=True)
+    """Opt-in: record each routed prompt (and the expert chosen) to a JSONL file that
+    ``torouter prepare --prompts`` reads, to train a router on this application's traffic;
+    a path builds a ``PromptCapture`` with its defaults (no answers, secrets masked)."""
+
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _controller: Controller | None = PrivateAttr(default=None)
@@ -71,6 +77,11 @@ class BaseTORouter(BaseModel):
     @classmethod
     def _check_router(cls, router: Any) -> Any:
         return check_router(router)
+
+    @field_validator("capture", mode="before")
+    @classmethod
+    def _check_capture(cls, capture: Any) -> Any:
+        return as_capture(capture, source="langchain")
 
     # --- what subclasses supply ---------------------------------------------------------
     def _expert_names(self) -> list[str]:
@@ -139,6 +150,8 @@ class BaseTORouter(BaseModel):
         decision = take_predecided(self)
         if decision is None:
             decision = self.controller.decide(prompt, **self._options(forced, cost_weight, max_cost))
+        if self.capture is not None:
+            self.capture.record(prompt, decision, metadata=metadata, source="langchain")
         return decision, forced is not None
 
     async def _adecide(self, input: Any, kwargs: dict[str, Any],
@@ -149,6 +162,8 @@ class BaseTORouter(BaseModel):
         decision = take_predecided(self)
         if decision is None:
             decision = await self.controller.adecide(prompt, **self._options(forced, cost_weight, max_cost))
+        if self.capture is not None:
+            self.capture.record(prompt, decision, metadata=metadata, source="langchain")
         return decision, forced is not None
 
     # --- batch: one router call for the whole batch -------------------------------------

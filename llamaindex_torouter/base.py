@@ -41,6 +41,7 @@ from llama_index.core.llms.llm import (
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.types import TokenAsyncGen, TokenGen
 
+from torouter.capture import as_capture
 from torouter.controller import (
     Controller,
     acall_with_fallbacks,
@@ -129,6 +130,9 @@ class TORouterLLM(FunctionCallingLLM):
                                   "share one decision; False predicts afresh for every call.")
     fallbacks: bool = Field(default=True, description="Try the next-best expert when the chosen one fails.")
     allowed: list[str] | None = Field(default=None, description="Experts this LLM may route to (default: all).")
+    capture: Any = Field(default=None, exclude=True,
+                         description="A torouter.capture.PromptCapture (or a file path) recording each routed "
+                                     "prompt for training a router on this application's traffic (opt-in).")
 
     _controller: Controller = PrivateAttr()
     _experts: dict[str, LLM] = PrivateAttr()
@@ -163,6 +167,8 @@ class TORouterLLM(FunctionCallingLLM):
         cache_size = controller.cache_size
         if not sticky:
             controller.cache_size = 0
+        if "capture" in kwargs:
+            kwargs["capture"] = as_capture(kwargs["capture"], source="llamaindex")
         super().__init__(cost_weight=cost_weight, max_cost=max_cost, route_on=route_on, fallbacks=fallbacks,
                          allowed=allowed, default_expert=default_expert, sticky=sticky,
                          callback_manager=callback_manager, **kwargs)
@@ -352,10 +358,12 @@ class TORouterLLM(FunctionCallingLLM):
               allowed: Iterable[str] | None = None, cost_weight: float | None = None,
               max_cost: float | None = None) -> Decision:
         """Decide which expert would answer ``prompt`` (and in which order the others would follow)."""
-        decision = self._controller.decide(self._prompt(prompt), allowed, expert=expert,
-                                           unable=self._unable(tools),
+        routed = self._prompt(prompt)
+        decision = self._controller.decide(routed, allowed, expert=expert, unable=self._unable(tools),
                                            cost_weight=cost_weight, max_cost=max_cost)
         self._emit_decision(decision, expert is not None, tools)
+        if self.capture is not None:
+            self.capture.record(routed, decision, source="llamaindex")
         return decision
 
     @dispatcher.span
@@ -363,10 +371,12 @@ class TORouterLLM(FunctionCallingLLM):
                      allowed: Iterable[str] | None = None, cost_weight: float | None = None,
                      max_cost: float | None = None) -> Decision:
         """``route`` with router inference in a worker thread, off the event loop."""
-        decision = await self._controller.adecide(self._prompt(prompt), allowed, expert=expert,
-                                                  unable=self._unable(tools),
+        routed = self._prompt(prompt)
+        decision = await self._controller.adecide(routed, allowed, expert=expert, unable=self._unable(tools),
                                                   cost_weight=cost_weight, max_cost=max_cost)
         self._emit_decision(decision, expert is not None, tools)
+        if self.capture is not None:
+            self.capture.record(routed, decision, source="llamaindex")
         return decision
 
     def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, Any], Any]:

@@ -18,7 +18,8 @@ import typer.models
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train and evaluate TO-Router style LLM routers.")
-import_app = typer.Typer(no_args_is_help=True, help="Convert published routing benchmarks to torouter JSONL.")
+import_app = typer.Typer(no_args_is_help=True, help="Convert published routing benchmarks, and prompts from an "
+                                                    "application's traffic, to torouter JSONL.")
 app.add_typer(import_app, name="import")
 
 
@@ -323,6 +324,78 @@ def import_routerbench(
     typer.echo(f"wrote {len(records)} records over {len(experts)} experts to {out}")
 
 
+def _write_traffic(rows: list, out: Path, dedup: bool, similar: Optional[float], max_prompts: Optional[int],
+                   seed: int, what: str) -> None:
+    """Dedup, sample and write imported prompts, saying what was kept."""
+    from .data import DataError, write_jsonl
+    from .traffic import dedup_prompts, sample_prompts, task_counts
+
+    read = len(rows)
+    dropped = 0
+    try:
+        if dedup or similar is not None:
+            rows, dropped = dedup_prompts(rows, similar)
+        if max_prompts is not None:
+            rows = sample_prompts(rows, max_prompts, seed)
+    except DataError as exc:
+        _fail(str(exc))
+    if not rows:
+        _fail(f"no prompts found in the given {what} files")
+    with _writing(out):
+        write_jsonl(out, rows)
+    tasks = ", ".join(f"{t} {n}" for t, n in sorted(task_counts(rows).items()))
+    typer.echo(f"wrote {len(rows)} prompts to {out} ({read} read, {dropped} repeats dropped; tasks: {tasks})")
+
+
+_DEDUP_HELP = "Drop repeated prompts (same text up to case, spacing and punctuation)."
+_SIMILAR_HELP = "Also drop near-identical prompts: word 3-shingle Jaccard at least this (0-1)."
+_MAX_HELP = "Keep at most N prompts: a sample stratified by task."
+
+
+@import_app.command("openai")
+def import_openai(
+    files: list[Path] = typer.Argument(..., help='OpenAI chat-format JSONL files: {"messages": [...]} per line.'),
+    out: Path = typer.Option(..., help="Prompts JSONL for torouter prepare --prompts."),
+    include_answers: bool = typer.Option(False, help="Keep each line's final assistant message as 'answer'."),
+    dedup: bool = typer.Option(True, help=_DEDUP_HELP),
+    similar: Optional[float] = typer.Option(None, help=_SIMILAR_HELP),
+    max_prompts: Optional[int] = typer.Option(None, help=_MAX_HELP),
+    seed: int = typer.Option(0, help="Seed of the --max-prompts sample."),
+):
+    """Prompts from OpenAI chat-format logs, ready for torouter prepare."""
+    from .data import DataError
+    from .traffic import read_openai_chat
+
+    _writable(out)
+    try:
+        rows = read_openai_chat(files, include_answers=include_answers)
+    except DataError as exc:
+        _fail(str(exc))
+    _write_traffic(rows, out, dedup, similar, max_prompts, seed, "OpenAI chat")
+
+
+@import_app.command("langsmith")
+def import_langsmith(
+    files: list[Path] = typer.Argument(..., help="LangSmith run exports (JSON list of runs, or JSONL)."),
+    out: Path = typer.Option(..., help="Prompts JSONL for torouter prepare --prompts."),
+    include_answers: bool = typer.Option(False, help="Keep each run's output text as 'answer'."),
+    dedup: bool = typer.Option(True, help=_DEDUP_HELP),
+    similar: Optional[float] = typer.Option(None, help=_SIMILAR_HELP),
+    max_prompts: Optional[int] = typer.Option(None, help=_MAX_HELP),
+    seed: int = typer.Option(0, help="Seed of the --max-prompts sample."),
+):
+    """Prompts from the llm and chat_model runs of a LangSmith export, ready for torouter prepare."""
+    from .data import DataError
+    from .traffic import read_langsmith_runs
+
+    _writable(out)
+    try:
+        rows = read_langsmith_runs(files, include_answers=include_answers)
+    except DataError as exc:
+        _fail(str(exc))
+    _write_traffic(rows, out, dedup, similar, max_prompts, seed, "LangSmith")
+
+
 @app.command()
 def synth(
     out: Path = typer.Option(..., help="Output routing data (JSONL)."),
@@ -351,15 +424,75 @@ def synth(
         typer.echo(f"wrote {len(records)} records to {out}")
 
 
+def _judge_setup(judge: Optional[str], mode: Optional[str], anchor: Optional[str], config: Optional[Path]):
+    """The judge settings the --judge* options give (None when no judge is asked for)."""
+    from .prepare import JudgeConfig, JudgeError, load_judge_config
+
+    if config is not None:
+        return load_judge_config(config, judge, mode=mode, anchor=anchor)
+    if judge is None:
+        if mode is not None or anchor is not None:
+            raise JudgeError("--judge-mode and --judge-anchor need --judge SPEC (or --judge-config)")
+        return None
+    return JudgeConfig(judge=judge, mode=mode or "pointwise", anchor=anchor)  # type: ignore[arg-type]
+
+
+def _echo_judge(summary) -> None:
+    """The judge's calls and cost, apart from the experts'."""
+    if summary is None:
+        return
+    typer.echo(f"  judge {summary.judge} ({summary.mode}): {summary.scored}/{summary.answers} answers scored, "
+               f"{summary.calls_made} calls made, {summary.cached_calls} from the cache, {summary.failed_calls} "
+               f"failed, {summary.malformed} unreadable after retries ({summary.retried} retried); judge cost "
+               f"${summary.total_cost:.6f} (${summary.cost_per_prompt:.6f} and {summary.calls_per_prompt:.1f} "
+               f"calls per labelled prompt)")
+
+
+def _echo_plan(plan) -> None:
+    """What a prepare run will call and its expected cost, printed before any call is made."""
+    sel = plan.selection
+    notes = [f"{sel.read} read"]
+    if sel.duplicates:
+        notes.append(f"{sel.duplicates} repeats dropped")
+    if sel.sampled_from is not None:
+        notes.append(f"sampled {plan.prompts} of {sel.sampled_from}, stratified by task")
+    tasks = ", ".join(f"{t} {n}" for t, n in sorted(sel.tasks.items()))
+    typer.echo(f"plan: {plan.prompts} prompts ({'; '.join(notes)}; tasks: {tasks})")
+    for name, p in plan.experts.items():
+        typer.echo(f"  {name}: {p.calls} calls to make, {p.cached} cached; about {p.input_tokens} input and at most "
+                   f"{p.output_tokens} output tokens, ${p.dollars:.6f}")
+    if plan.judge is not None:
+        typer.echo(f"  judge {plan.judge_name}: about {plan.judge.calls} calls (at most, before the cache), "
+                   f"${plan.judge.dollars:.6f}")
+    typer.echo(f"  expected cost at most ${plan.total_dollars:.6f} (${plan.dollars_per_prompt:.6f} per prompt)")
+
+
 @app.command()
 def prepare(
     experts: Path = typer.Option(..., help="Experts manifest (YAML): how to build each expert, its price and tier."),
     prompts: str = typer.Option(..., help="Prompts JSONL {id, prompt, reference, task}, or a named source: "
                                           "demo, arc-challenge, gsm8k, mbpp, pubmedqa."),
     out: Path = typer.Option(..., help="Routing data to write (JSONL)."),
-    score: str = typer.Option("bertscore", help="Metric: bertscore, exact, choice, numeric, code, or none."),
+    score: str = typer.Option("auto", help="Metric: bertscore, exact, choice, numeric, code, judge or none; or one "
+                                           "per task: gsm8k=numeric,mbpp=code,*=judge. auto: the benchmarks' "
+                                           "natural metric (gsm8k numeric, mbpp code, arc/pubmedqa choice), "
+                                           "bertscore for other tasks."),
+    judge: Optional[str] = typer.Option(None, help="Judge for the judge metric: an init_chat_model string "
+                                                   "(openai:gpt-4o-mini), hf:MODEL / pypi:PKG (local), "
+                                                   "python:mod:fn, llamaindex:mod.Class or experts.yaml#NAME."),
+    judge_mode: Optional[str] = typer.Option(None, help="pointwise (grade on a rubric, default) or pairwise "
+                                                        "(win rate against --judge-anchor, both orders)."),
+    judge_anchor: Optional[str] = typer.Option(None, help="pairwise: the expert every answer is compared with."),
+    judge_config: Optional[Path] = typer.Option(None, help="YAML: judge, mode, anchor, rubric, template, low, "
+                                                           "high, attempts, tasks: {TASK: {rubric, template}}."),
     cache: Optional[Path] = typer.Option(None, help="SQLite call cache (default: OUT.cache.sqlite)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    dedup: bool = typer.Option(False, help="Drop repeated prompts (same text up to case, spacing, punctuation)."),
+    similar: Optional[float] = typer.Option(None, help="Also drop near-identical prompts: word 3-shingle "
+                                                       "Jaccard at least this (0-1, e.g. 0.8)."),
+    max_prompts: Optional[int] = typer.Option(None, help="Label at most N prompts: a sample stratified by task."),
+    seed: int = typer.Option(0, help="Seed of the --max-prompts sample."),
+    dry_run: bool = typer.Option(False, help="Print the planned calls and their expected cost; call nothing."),
     retry_failed: bool = typer.Option(False, help="Call again the (prompt, expert) pairs that failed before."),
     scorer_model: Optional[str] = typer.Option(None, help="BERTScore model id or path (default: offline MiniLM)."),
     layer: Optional[int] = typer.Option(None, help="BERTScore layer (needed for models bert-score does not know)."),
@@ -379,18 +512,27 @@ def prepare(
     """Query every expert on every prompt, score the answers and write routing data (resumable)."""
     from .data import DataError
     from .engines import EngineError
-    from .prepare import CacheError, ManifestError, PrepareError, ScoreError, ScorerConfig
+    from .prepare import CacheError, JudgeError, ManifestError, PrepareError, ScoreError, ScorerConfig
     from .prepare import prepare as run_prepare
 
-    config = None
+    from .prepare.pipeline import plan_prepare, select_prompts
+
+    metric = None if score == "none" else score
     try:
-        if score != "none":
-            config = ScorerConfig(metric=score, model=scorer_model, num_layers=layer, device=device,
-                                  sandbox=sandbox)
-        summary = run_prepare(experts, prompts, out, score=config, cache=cache, limit=limit,
-                              retry_failed=retry_failed, progress=progress, durable=durable, engine=engine,
-                              ray_address=ray_address, ray_cpus=ray_cpus)
-    except (DataError, ManifestError, PrepareError, ScoreError, CacheError, EngineError) as exc:
+        options = ScorerConfig(model=scorer_model, num_layers=layer, device=device, sandbox=sandbox)
+        judging = _judge_setup(judge, judge_mode, judge_anchor, judge_config)
+        items, selection = select_prompts(prompts, limit=limit, dedup=dedup, similarity=similar,
+                                          max_prompts=max_prompts, seed=seed)
+        plan = plan_prepare(experts, items, metric, judge=judging, scorer_options=options, selection=selection,
+                            cache=cache or out.with_name(out.name + ".cache.sqlite"), retry_failed=retry_failed)
+        _echo_plan(plan)
+        if dry_run:
+            typer.echo("dry run: no call made, nothing written")
+            return
+        summary = run_prepare(experts, items, out, score=metric, cache=cache, retry_failed=retry_failed,
+                              progress=progress, durable=durable, judge=judging, scorer_options=options,
+                              engine=engine, ray_address=ray_address, ray_cpus=ray_cpus)
+    except (DataError, ManifestError, PrepareError, ScoreError, CacheError, JudgeError, EngineError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: finished calls are saved in the cache; run the same command to resume",
@@ -405,6 +547,7 @@ def prepare(
         typer.echo(f"  {name}: {s.answered} answered, {s.failed} failed, mean score {mean}, "
                    f"total cost ${s.total_cost:.6f}")
         failed += s.failed
+    _echo_judge(summary.judge)
     for problem in summary.problems[:5]:
         typer.secho(f"  not scored: {problem}", err=True)
     if failed:
@@ -414,8 +557,15 @@ def prepare(
 @app.command()
 def score(
     data: Path = typer.Argument(..., help="Routing data whose recorded answers to (re)score."),
-    metric: str = typer.Option("bertscore", help="bertscore, exact, choice, numeric or code."),
+    metric: str = typer.Option("bertscore", help="bertscore, exact, choice, numeric, code or judge; or one per "
+                                                 "task: gsm8k=numeric,*=judge (auto: the benchmarks' natural "
+                                                 "metrics, bertscore for the rest)."),
     out: Path = typer.Option(..., help="Where to write the rescored routing data."),
+    judge: Optional[str] = typer.Option(None, help="Judge for the judge metric (see prepare --judge)."),
+    judge_mode: Optional[str] = typer.Option(None, help="pointwise (default) or pairwise."),
+    judge_anchor: Optional[str] = typer.Option(None, help="pairwise: the expert every answer is compared with."),
+    judge_config: Optional[Path] = typer.Option(None, help="Judge settings YAML (see prepare --judge-config)."),
+    cache: Optional[Path] = typer.Option(None, help="SQLite cache of judge calls (default: OUT.cache.sqlite)."),
     model: Optional[str] = typer.Option(None, help="BERTScore model id or path (default: offline MiniLM)."),
     layer: Optional[int] = typer.Option(None, help="BERTScore layer (needed for models bert-score does not know)."),
     batch_size: int = typer.Option(64, help="BERTScore batch size."),
@@ -435,19 +585,21 @@ def score(
     """Score recorded answers against each record's reference."""
     from .data import DataError
     from .engines import EngineError
-    from .prepare import PrepareError, ScoreError, ScorerConfig, rescore
+    from .prepare import CacheError, JudgeError, ManifestError, PrepareError, ScoreError, ScorerConfig, rescore
 
     _writable(out)
     try:
-        config = ScorerConfig(metric=metric, model=model, num_layers=layer, batch_size=batch_size, device=device,
-                              timeout_s=timeout, memory_mb=memory_mb, sandbox=sandbox)
-        summary = rescore(data, out, config, progress=True, engine=engine, ray_address=ray_address,
-                          ray_cpus=ray_cpus)
-    except (DataError, ScoreError, PrepareError, EngineError) as exc:
+        options = ScorerConfig(model=model, num_layers=layer, batch_size=batch_size, device=device,
+                               timeout_s=timeout, memory_mb=memory_mb, sandbox=sandbox)
+        judging = _judge_setup(judge, judge_mode, judge_anchor, judge_config)
+        summary = rescore(data, out, metric, progress=True, judge=judging, cache=cache, scorer_options=options,
+                          engine=engine, ray_address=ray_address, ray_cpus=ray_cpus)
+    except (DataError, ScoreError, PrepareError, JudgeError, ManifestError, CacheError, EngineError) as exc:
         _fail(str(exc))
     typer.echo(f"scored {summary.scored} answers in {summary.records} records with {metric}; wrote {out}")
     for name, mean in summary.mean_score.items():
         typer.echo(f"  {name}: mean score {mean:.3f}")
+    _echo_judge(summary.judge)
     for problem in summary.problems[:5]:
         typer.secho(f"  not scored: {problem}", err=True)
     if summary.unscored:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from langchain_torouter import ChatManifestExpert, ChatTORouter
+from torouter.capture import PromptCapture
 from torouter.credentials import Redactor, hide_secrets
 from torouter.prepare import ExpertBuildError
 from torouter.prepare import build_chat_model as build_expert_chat_model
@@ -132,6 +133,26 @@ class Timeouts(_Strict):
         return self.experts.get(name, self.expert_s)
 
 
+class CaptureConfig(_Strict):
+    """Opt-in capture of routed prompts (``torouter.capture.PromptCapture``), to train a router on
+    this endpoint's own traffic: a JSONL file ``torouter prepare --prompts`` reads as is."""
+
+    path: Path
+    """Where to append the prompts (relative paths resolve against the config file's folder)."""
+
+    include_answers: bool = False
+    """Also record the answer of each plain (non-streamed) request."""
+
+    redact: list[str] = Field(default_factory=list)
+    """Metadata fields to mask."""
+
+    patterns: list[str] = Field(default_factory=list)
+    """Regular expressions masked in every captured text (e-mail addresses, account numbers)."""
+
+    task: str | None = None
+    """Task name given to every captured prompt."""
+
+
 class ServeConfig(_Strict):
     """The ``torouter serve`` config file."""
 
@@ -156,6 +177,7 @@ class ServeConfig(_Strict):
     auth: AuthConfig | None = None
     limits: Limits = Field(default_factory=Limits)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    capture: CaptureConfig | None = None
 
     @model_validator(mode="after")
     def _names(self) -> ServeConfig:
@@ -214,6 +236,9 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         config = config.model_copy(update={"router": (path.parent / config.router).resolve()})
     if config.manifest is not None and not config.manifest.is_absolute():
         config = config.model_copy(update={"manifest": (path.parent / config.manifest).resolve()})
+    if config.capture is not None and not config.capture.path.is_absolute():
+        capture = config.capture.model_copy(update={"path": (path.parent / config.capture.path).resolve()})
+        config = config.model_copy(update={"capture": capture})
     return config
 
 
@@ -235,10 +260,18 @@ def _build(config: ServeConfig, redactor: Redactor) -> Any:
         router = load_router(config.router)
     except (RouterFileError, ValueError) as exc:
         raise ConfigError(f"router: {exc}") from None
+    capture = None
+    if config.capture is not None:
+        try:
+            capture = PromptCapture(config.capture.path, include_answers=config.capture.include_answers,
+                                    redact=config.capture.redact, patterns=config.capture.patterns,
+                                    task=config.capture.task, source="serve")
+        except ValueError as exc:
+            raise ConfigError(f"capture: {exc}") from None
     try:
         return ChatTORouter(experts=experts, router=router, cost_weight=config.cost_weight,
                             max_cost=config.max_cost, route_on=config.route_on, prices=config.prices,
-                            fallbacks=config.fallbacks)
+                            fallbacks=config.fallbacks, capture=capture)
     except ValidationError as exc:  # ChatTORouter's own checks, e.g. names that differ from the router's
         problems = "; ".join(f"{_location(e['loc']) or 'experts'}: {e['msg'].removeprefix('Value error, ')}"
                              for e in exc.errors())

@@ -289,6 +289,9 @@ class _Service:
                 raise self.deadline_error(request_id, {}, "routing") from None
             plan = _Plan(request_id, owner, messages, self.expert_kwargs(body), decision, forced, deadline,
                          self.chat_model.fallbacks)
+            capture = self.chat_model.capture
+            if capture is not None and (body.stream or not capture.include_answers):
+                capture.record(messages_to_prompt(messages), decision)  # the answer is recorded in reply
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 response = await self.stream(plan, watch, include_usage)
@@ -365,6 +368,9 @@ class _Service:
                 call["function"]["arguments"] = self.redact.mask_values(call["function"]["arguments"])
             reply.update(content=text or None, tool_calls=calls)
             finish = "tool_calls"
+        capture = self.chat_model.capture
+        if capture is not None and capture.include_answers:
+            capture.record(messages_to_prompt(plan.messages), plan.decision, expert=name, answer=text)
         return JSONResponse({
             "id": plan.request_id, "object": "chat.completion", "created": int(time.time()), "model": name,
             "system_fingerprint": None,

@@ -2,7 +2,7 @@
 
 ``prepare`` sends every prompt to every expert of a manifest (``experts.yaml``),
 records each answer's text, tokens, latency, cost and, for local models, the NLL of
-the reference, scores it against the reference and writes routing data for
+the reference, scores it (against the reference, or with an LLM judge: ``judge``) and writes routing data for
 ``torouter train``. Calls are cached in SQLite, so an interrupted run resumes.
 Needs the ``prepare`` extra (pyyaml, bert-score, gguf, accelerate, datasets).
 
@@ -19,13 +19,16 @@ from .base import Answer, Expert
 from .clients import build_chat_model
 from .manifest import (BackendSpec, ExpertBuildError, ExpertSpec, Generation, KwargsSpec, LangChainSpec, Manifest,
                        ManifestError, Price, load_manifest, parse_manifest)
-from .loaders import LOADERS, load_benchmark
-from .pipeline import (PrepareError, PrepareSummary, PromptItem, demo_prompts, demo_prompts_path, prepare,
-                       read_prompts, rescore, resolve_prompts)
+from .judge import DEFAULT_RUBRIC, JudgeConfig, JudgeError, JudgeSummary, judge_expert, load_judge_config
+from .loaders import LOADERS, NATURAL_METRICS, load_benchmark
+from .pipeline import (PrepareError, PrepareSummary, PromptItem, Scoring, demo_prompts, demo_prompts_path,
+                       make_scoring, prepare, read_prompts, rescore, resolve_prompts)
 from .runner import Backoff, Job, Runner, RunStats, is_transient
-from .scorers import METRICS, ScoreError, ScorerConfig, make_scorer
+from .scorers import METRICS, SCORING_METRICS, MetricMap, ScoreError, ScorerConfig, make_scorer
 
 __all__ = [
+    "DEFAULT_RUBRIC", "JudgeConfig", "JudgeError", "JudgeSummary", "MetricMap", "NATURAL_METRICS",
+    "SCORING_METRICS", "Scoring", "judge_expert", "load_judge_config", "make_scoring",
     "Answer", "BackendSpec", "Backoff", "CacheError", "CallCache", "Expert", "ExpertBuildError", "ExpertSpec",
     "Generation", "Job", "KwargsSpec", "LOADERS", "LangChainSpec", "METRICS", "Manifest", "ManifestError",
     "PrepareError", "PrepareSummary", "Price", "PromptItem", "RunStats", "Runner", "ScoreError", "ScorerConfig",

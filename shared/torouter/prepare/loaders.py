@@ -12,6 +12,10 @@ loader             hub dataset, config                 split      reference
 ``pubmedqa``       qiaojin/PubMedQA, pqa_labeled       train      yes / no / maybe
 =================  ==================================  =========  ===========
 
+Each benchmark has a natural metric (``NATURAL_METRICS``), the one ``torouter prepare``
+scores its records with when no metric is given: choice for ARC and PubMedQA, numeric for
+GSM8K, code for MBPP.
+
 ``source`` reads a local copy instead: a data file (parquet, json/jsonl, csv) with the
 hub's columns, or a directory laid out like the hub repository
 (``<dir>/<config>/<split>-*.parquet``).
@@ -126,6 +130,14 @@ def load_pubmedqa(split: str = "train", limit: int | None = None, source=None) -
     data = load_rows("qiaojin/PubMedQA", "pqa_labeled", split, source)
     return _convert(data, "PubMedQA", ("pubid", "question", "context", "final_decision"), pubmedqa_row, limit)
 
+
+NATURAL_METRICS: dict[str, str] = {
+    "arc-challenge": "choice",
+    "gsm8k": "numeric",
+    "mbpp": "code",
+    "pubmedqa": "choice",
+}
+"""The metric each loader's task (its records' ``task``) is scored with by default."""
 
 LOADERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "arc-challenge": load_arc_challenge,

@@ -13,6 +13,11 @@ Metrics, every one on the [0, 1] scale the routing data uses:
                the sandbox of :mod:`torouter.prepare.sandbox`: an unprivileged uid in its own
                namespaces, a read-only view of the Python installation only, no network,
                time, memory and process limits. 1.0 only when the tests ran to their end.
+``judge``      an LLM judge grades the answer, with or without a reference
+               (:mod:`torouter.prepare.judge`; the pipeline runs it, not ``make_scorer``).
+
+A run may score each task with its own metric: ``MetricMap.parse("gsm8k=numeric,*=judge")``;
+``auto`` gives the shipped loaders' tasks their natural metric and BERTScore to the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import string
 import textwrap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -286,6 +292,68 @@ class CodeScorer(Scorer):
                                                            cfg.memory_mb, processes=cfg.processes,
                                                            sandbox=cfg.sandbox), zip(answers, references))
             return [1.0 if r.passed else 0.0 for r in results]
+
+
+SCORING_METRICS = (*METRICS, "judge", "none")
+"""What a task may be scored with: a reference metric, the LLM judge, or nothing (``none``)."""
+
+
+class MetricMap:
+    """The metric of each task: ``by_task[task]``, else ``by_task["*"]``, else none.
+
+    ``parse`` reads ``numeric`` (every task), ``gsm8k=numeric,mbpp=code,*=judge`` (one per
+    task, ``*`` for the rest) or ``auto`` (the loaders' natural metrics, then ``*`` or
+    BERTScore), items combined with commas; ``none`` leaves a task unscored.
+    """
+
+    def __init__(self, by_task: Mapping[str, str]):
+        for task, metric in by_task.items():
+            if metric not in SCORING_METRICS:
+                raise ScoreError(f"unknown metric {metric!r} for task {task!r}; choose one of "
+                                 f"{', '.join(SCORING_METRICS)}")
+        self.by_task = dict(by_task)
+
+    @classmethod
+    def parse(cls, text: str) -> MetricMap:
+        from .loaders import NATURAL_METRICS
+
+        by_task: dict[str, str] = {}
+        auto = False
+        for raw in text.split(","):
+            item = raw.strip()
+            if not item:
+                raise ScoreError(f"metric map {text!r}: an empty item")
+            if item == "auto":
+                auto = True
+                continue
+            task, sep, metric = item.rpartition("=")
+            task, metric = (task.strip() or "", metric.strip()) if sep else ("*", item)
+            if sep and not task:
+                raise ScoreError(f"metric map {text!r}: {item!r} names no task (use *=METRIC for the rest)")
+            if task in by_task and by_task[task] != metric:
+                raise ScoreError(f"metric map {text!r}: task {task!r} given twice")
+            by_task[task] = metric
+        if auto:
+            by_task = {**NATURAL_METRICS, "*": "bertscore", **by_task}
+        return cls(by_task)
+
+    def for_task(self, task: str | None) -> str | None:
+        """The metric scoring ``task`` (None: left unscored)."""
+        metric = self.by_task.get(task, self.by_task.get("*")) if task is not None else self.by_task.get("*")
+        return None if metric in (None, "none") else metric
+
+    def covers(self, task: str | None) -> bool:
+        return (task is not None and task in self.by_task) or "*" in self.by_task
+
+    @property
+    def metrics(self) -> set[str]:
+        return {m for m in self.by_task.values() if m != "none"}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MetricMap) and other.by_task == self.by_task
+
+    def __repr__(self) -> str:
+        return "MetricMap(" + ",".join(f"{t}={m}" for t, m in self.by_task.items()) + ")"
 
 
 def make_scorer(config: ScorerConfig | str) -> Scorer:
