@@ -184,7 +184,7 @@ def run_demo(out: str | Path = "runs/demo", bert_epochs: int = 6, questions: lis
 
 
 def answer_with_chain(router, manifest, questions: list[str], console) -> list[dict[str, Any]]:
-    """Route each question through ``prompt | ChatTORouter | parser`` and say who answered and why."""
+    """Route the questions through ``prompt | ChatTORouter`` (one ``batch``) and say who answered each and why."""
     from langchain_core.prompts import ChatPromptTemplate
 
     from langchain_torouter import ChatManifestExpert, ChatTORouter
@@ -198,8 +198,10 @@ def answer_with_chain(router, manifest, questions: list[str], console) -> list[d
     console.print(f"cost_weight = {cost_weight:.4g} (quality units per dollar); expected $/call: "
                   + ", ".join(f"{e} {c:.2e}" for e, c in zip(router.experts_, costs)))
     answers = []
-    for question in questions:
-        message = chain.invoke({"question": question})
+    # One batch: the router decides for every question in one call, and the questions that go to
+    # the same local expert are answered together in one batch of its model.
+    messages = chain.batch([{"question": question} for question in questions])
+    for question, message in zip(questions, messages):
         meta = message.response_metadata["torouter"]
         scores = meta["scores"]
         why = ", ".join(f"{e}: predicted {scores[e]:.3f} - {cost_weight:.3g} x ${c:.2e}"
