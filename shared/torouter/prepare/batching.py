@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -208,9 +209,14 @@ def _new_cache(model):
 
 def _cache_argument(model) -> str:
     """The name ``forward`` takes the key/value cache under (``cache`` in newer transformers)."""
+    return _cache_argument_of(type(model))  # type: ignore[arg-type]  # classes are hashable
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(model_class: Any) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _continuation_nll(model, nll_state, references: list[list[int]], rows: list[int], pad_id: int) -> list[float]:
