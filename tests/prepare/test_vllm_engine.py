@@ -293,6 +293,25 @@ def test_expired_request_times_out_while_its_batch_mates_answer(fake_vllm, monke
     assert len(FakeLLM.instances[0].calls) == before
 
 
+def test_a_failed_generate_call_reaches_every_caller_of_its_batch(fake_vllm, monkeypatch, smollm2_dir):
+    monkeypatch.setattr(FakeLLM, "make_model", _scripted(" Paris."))
+    expert = _expert("failing", concurrency=2)
+
+    def fail(prompts, sampling_params=None, *, use_tqdm=True):
+        raise ValueError("the prompt is longer than max_model_len")
+
+    monkeypatch.setattr(expert.vllm.llm, "generate", fail)
+
+    def call(prompt):
+        try:
+            return expert.generate(prompt, None, 60)
+        except ValueError as exc:
+            return str(exc)
+
+    assert _concurrently(call, [(PROMPTS[0],), (PROMPTS[1],)]) == ["the prompt is longer than max_model_len"] * 2
+    assert expert._batcher.batch_sizes == [2]
+
+
 def test_reference_nll_reads_the_reference_positions():
     logprobs = [None, {5: Logprob(-1.0)}, {6: Logprob(-2.0), 9: Logprob(-0.1)}, {7: Logprob(-4.0)}]
     assert vllm_engine.reference_nll(logprobs, [6, 7]) == pytest.approx(3.0)

@@ -434,12 +434,10 @@ class HuggingFaceExpert(Expert):
         if self.vllm is None:
             return future.result()  # a row given up on ends at its batch's next step
         # vLLM finishes every row of a running batch: the caller is not kept waiting for one given up on.
-        while True:
-            try:
-                return future.result(timeout=0.05)
-            except concurrent.futures.TimeoutError:
-                if request.given_up():
-                    raise _timeout_error(request.timeout_s) from None
+        while not concurrent.futures.wait([future], timeout=0.05).done:
+            if request.given_up():
+                raise _timeout_error(request.timeout_s)
+        return future.result()
 
     def stream(self, prompt: Prompt, timeout_s: float | None = None) -> Iterator[str]:
         """Answer one prompt, yielding text as the model writes it (blocking iterator).
