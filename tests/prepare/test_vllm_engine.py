@@ -176,6 +176,11 @@ def test_manifest_engine_field():
                           ).experts[0].huggingface.engine == "transformers"  # the default
     spec = _spec("b", "vllm", vllm={"gpu_memory_utilization": 0.5, "max_model_len": 2048})
     assert spec.huggingface.engine == "vllm" and spec.huggingface.vllm["max_model_len"] == 2048
+    # The engine is part of what determines an answer (the cache key), but an entry on the default
+    # engine keeps the settings it had before the field existed, so its cached answers stay valid.
+    assert "engine" not in _spec("a", "transformers").settings()["huggingface"]
+    assert {k: spec.settings()["huggingface"][k] for k in ("engine", "vllm")} == {
+        "engine": "vllm", "vllm": {"gpu_memory_utilization": 0.5, "max_model_len": 2048}}
     with pytest.raises(ManifestError, match=r"experts\[0\] \(c\)\.huggingface\.engine"):
         _spec("c", "vLLM")
     with pytest.raises(ManifestError, match="'vllm' settings are given but engine is not 'vllm'"):

@@ -35,7 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from ..credentials import hide_secrets
 
@@ -147,6 +148,17 @@ class HuggingFaceSpec(BackendSpec):
         if "{prompt}" not in value:
             raise ValueError("completion_template must contain {prompt}")
         return value
+
+    @model_serializer(mode="wrap")
+    def _engine_when_set(self, handler):
+        # Entries on the default engine dump (and so hash, see ``ExpertSpec.settings``) as before
+        # these fields existed: their cached answers stay valid.
+        data = handler(self)
+        if data.get("engine") == "transformers":
+            del data["engine"]
+        if not data.get("vllm"):
+            data.pop("vllm", None)
+        return data
 
     @model_validator(mode="after")
     def _vllm_settings(self):
