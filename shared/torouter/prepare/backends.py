@@ -5,18 +5,18 @@ it. Four are built in: ``huggingface`` (``torouter.prepare.local``, imported onl
 such an expert is built, since it needs ``transformers``), ``langchain``,
 ``llamaindex`` and ``python`` (``torouter.prepare.clients``). Users add their own::
 
-    class VLLMSpec(KwargsSpec):
+    class TGISpec(KwargsSpec):
         url: str
 
-    class VLLMExpert(Expert):
-        kind = "vllm"
-        spec_class = VLLMSpec
+    class TGIExpert(Expert):
+        kind = "tgi"
+        spec_class = TGISpec
         async def start(self): ...
         async def agenerate(self, prompt, reference, timeout_s): ...
 
-    register_backend("vllm", VLLMExpert)
+    register_backend("tgi", TGIExpert)
 
-after which a manifest entry may say ``vllm: {url: ..., kwargs: {...}}``.
+after which a manifest entry may say ``tgi: {url: ..., kwargs: {...}}``.
 """
 
 from __future__ import annotations
