@@ -76,7 +76,7 @@ def train(
     temperature: Optional[float] = typer.Option(None, help="Soft-label temperature T (mlp, bert; default 10)."),
     encoder: Optional[str] = typer.Option(None, help="Sentence encoder / BERT model id or path (default MiniLM)."),
     k: Optional[int] = typer.Option(None, help="Neighbours for knn (default: chosen by cross-validation)."),
-    clusters: Optional[int] = typer.Option(None, help="k-means clusters for cluster (default 8)."),
+    clusters: Optional[int] = typer.Option(None, help="k-means clusters for cluster (default: chosen by cross-validation)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs (mlp, bert)."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),

@@ -342,7 +342,57 @@ def test_cluster_caps_clusters_at_distinct_prompts():
     assert router.centroids_.shape == (2, 2)
 
 
+def _six_tasks(per_task: int = 30, seed: int = 0):
+    """Six well-separated groups of prompts; expert j answers group j only (plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    records, rows = [], []
+    for g in range(6):
+        for i in range(per_task):
+            responses = {f"e{j}": {"score": float(j == g) if rng.random() > 0.1 else float(j != g), "cost": 1.0}
+                         for j in range(6)}
+            records.append(Record(f"t{g}-{i}", f"task {g} prompt {i}", responses))
+            row = np.zeros(6, dtype=np.float32)
+            row[g] = 1.0
+            rows.append(row + rng.normal(0, 0.05, 6).astype(np.float32))
+    return RoutingDataset(records), np.array(rows)
+
+
+def test_cluster_chooses_its_cluster_count_by_cross_validated_routing():
+    data, x = _six_tasks()
+    router = make_router("cluster").fit(data, embeddings=x)
+    cv = {int(k): v for k, v in router.fit_info_["n_clusters_cv_score"].items()}
+    # Four clusters must merge tasks that want different experts; six separate them, and more
+    # clusters route no better, so the smaller count wins.
+    assert cv[4] < cv[6]
+    assert router.fit_info_["n_clusters"] == 6 == len(router.centroids_)
+    assert "cross-validation" in router.fit_info_["n_clusters_chosen_by"]
+    routed = router.predict_embeddings(x).argmax(axis=1)
+    assert (routed == np.repeat(np.arange(6), 30)).all()
+
+
+def test_cluster_count_falls_back_to_the_default_on_too_few_prompts():
+    router = make_router("cluster").fit(_two_groups(), embeddings=np.array([[1, 0], [1, 0], [0, 1], [0, 1]],
+                                                                            dtype=np.float32))
+    assert router.fit_info_["n_clusters_cv_score"] == {}
+    assert "too few prompts" in router.fit_info_["n_clusters_chosen_by"]
+    assert len(router.centroids_) == 2  # the default, capped at the distinct prompts
+
+
+def test_cluster_cross_validation_routes_only_to_observed_experts():
+    from torouter.routers.cluster import CLUSTER_GRID, cross_validated_routing
+
+    data, x = _six_tasks()
+    full = cross_validated_routing(x, data.scores, prior=5.0)
+    assert set(full) == set(CLUSTER_GRID) and full[6] > 0.85
+    scores = data.scores.copy()
+    scores[:, 0] = np.nan  # the only good expert for task 0 is never observed: its prompts earn ~0.1
+    missing = cross_validated_routing(x, scores, prior=5.0)
+    assert all(np.isfinite(v) for v in missing.values())
+    assert missing[6] < full[6] - 0.1
+
+
 @pytest.mark.parametrize("params, message", [({"n_clusters": 0}, "n_clusters must be >= 1"),
+                                             ({"n_clusters": 2.5}, "n_clusters must be >= 1 or None"),
                                              ({"prior": -1.0}, "prior must be >= 0")])
 def test_cluster_rejects_bad_params(params, message):
     with pytest.raises(ValueError, match=message):
