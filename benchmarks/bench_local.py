@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in client_rows:
         table.add_row(r["model"], r["micro_batching"], str(r["clients"]), f"{r['requests_per_s']:.2f}",
                       f"{r['p50_s']:.2f}", f"{r['p99_s']:.2f}")
-    console.print(table)
+    if client_rows:
+        console.print(table)
     in_process = {(r["model"], r["micro_batching"], r["clients"]): r for r in client_rows}
     table = Table(title=f"torouter serve over HTTP (loopback), {n} requests from concurrent clients")
     for col in ("model", "micro-batching", "clients", "requests/s", "p50 s", "p99 s", "in-process req/s",
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
         table.add_row(r["model"], r["micro_batching"], str(r["clients"]), f"{r['requests_per_s']:.2f}",
                       f"{r['p50_s']:.2f}", f"{r['p99_s']:.2f}", f"{same['requests_per_s']:.2f}" if same else "-",
                       f"{same['p50_s']:.2f}" if same else "-")
-    console.print(table)
+    if endpoint_rows:
+        console.print(table)
     result = {"generation": gen_rows, "clients": client_rows, "endpoint": endpoint_rows}
     if args.json:
         with open(args.json, "w") as f:
