@@ -116,7 +116,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(workdir: Path, token: str, flag: Path):
-    """``torouter serve`` on a free loopback port; stopped with SIGTERM (then killed) on exit."""
+    """This benchmark's server: the ``BenchExpert`` experts behind a k-NN router, bearer auth on."""
     experts = {n: {"class": "bench_serve:BenchExpert",
                    "kwargs": {"model": n, "fault": FAULTS.get(n, "slow"), "flag": str(flag) if n in FAULTS else ""}}
                for n in EXPERTS}
@@ -126,12 +126,22 @@ def serve(workdir: Path, token: str, flag: Path):
               "timeouts": {"expert_s": EXPERT_S, "request_s": REQUEST_S, "experts": {"med-7b": 5.0}},
               "limits": {"expert_threads": 8}}
     (workdir / "router.yaml").write_text(yaml.safe_dump(config))
+    with running(workdir / "router.yaml", {"BENCH_TOROUTER_TOKEN": token}) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(config: Path, env: dict[str, str] | None = None):
+    """``torouter serve --config config`` on a free loopback port, yielding its base URL and pid once
+    ``/health`` answers; its stderr goes to ``server.log`` beside the config; stopped with SIGTERM
+    (then killed) on exit. ``env`` is added to this process's environment."""
+    workdir = config.parent
     port = free_port()
     path = [str(REPO / "benchmarks"), str(REPO), str(REPO / "shared"), os.environ.get("PYTHONPATH")]
-    env = {**os.environ, "BENCH_TOROUTER_TOKEN": token, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, path))}
     log = (workdir / "server.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "torouter.cli", "serve", "--config", str(workdir / "router.yaml"),
+        [sys.executable, "-m", "torouter.cli", "serve", "--config", str(config),
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
