@@ -68,7 +68,7 @@ def quality_row(dataset: str, backend: str, method: str, router, report: dict, f
             "cost_to_match_best_single": m["cost_to_match_best_single"], "gap_closed": m["gap_closed"],
             "best_single": report["best_single"]["score"], "best_single_name": report["best_single"]["name"],
             "oracle": report["oracle"]["score"], "fit_s": fit_s,
-            "chosen": {k: router.fit_info_[k] for k in ("k",) if k in router.fit_info_}}
+            "chosen": {k: router.fit_info_[k] for k in ("k", "n_clusters") if k in router.fit_info_}}
 
 
 def timed_routing(router, prompts: list[str], repeats: int, batch: int) -> dict:

@@ -13,7 +13,9 @@ cost-quality curve. The summary numbers:
 * the router's best quality at a cost no higher than the best single expert's;
 * the cost at which it first matches the best single expert's quality, as a
   fraction of that expert's cost;
-* the share of the best-single-to-oracle quality gap it closes at ``cost_weight=0``.
+* the share of the best-single-to-oracle quality gap it closes at ``cost_weight=0``;
+* how far its hull falls below the single experts' hull at the worst budget in
+  ``[c_min, c_max]`` (0 when routing never does worse than picking experts alone).
 """
 
 from __future__ import annotations
@@ -66,6 +68,31 @@ def aiq(costs, qualities, c_min: float, c_max: float) -> float:
     values = np.interp(grid, xs, ys)  # constant beyond the last vertex
     area = float(np.sum((grid[1:] - grid[:-1]) * (values[1:] + values[:-1]) / 2))
     return area / (c_max - c_min)
+
+
+def hull_values(costs, qualities, budgets) -> np.ndarray:
+    """The convex hull's quality at each budget (0 below its cheapest point, flat past its best)."""
+    xs, ys = upper_hull(costs, qualities)
+    budgets = np.asarray(budgets, dtype=float)
+    return np.where(budgets < xs[0], 0.0, np.interp(budgets, xs, ys))
+
+
+def hull_shortfall(costs, qualities, expert_costs, expert_qualities, c_min: float, c_max: float) -> float:
+    """The most a curve's hull falls below the single experts' hull at any budget in ``[c_min, c_max]``.
+
+    Both hulls are piecewise linear, so the largest gap lies at a vertex of one of them, or
+    just below the curve's cheapest point when that costs more than ``c_min`` (a budget the
+    curve cannot meet counts as quality 0, as in AIQ).
+    """
+    xs, _ = upper_hull(costs, qualities)
+    ex, _ = upper_hull(expert_costs, expert_qualities)
+    budgets = np.concatenate([[c_min, c_max], xs, ex])
+    budgets = budgets[(budgets >= c_min) & (budgets <= c_max)]
+    gap = hull_values(expert_costs, expert_qualities, budgets) - hull_values(costs, qualities, budgets)
+    worst = float(gap.max())
+    if c_min < xs[0]:  # the limit from the left of the curve's cheapest point
+        worst = max(worst, float(hull_values(expert_costs, expert_qualities, [min(xs[0], c_max)])[0]))
+    return max(worst, 0.0)
 
 
 def point_stats(dataset: RoutingDataset, picks: np.ndarray) -> dict[str, Any]:
@@ -150,6 +177,8 @@ def evaluate(router: Router, dataset: RoutingDataset, cost_weights: list[float] 
         "quality_at_best_single_cost": max(within) if within else None,
         "cost_to_match_best_single": (min(matching) / best["cost"]) if matching and best["cost"] > 0 else None,
         "gap_closed": (sweep[0]["score"] - best["score"]) / gap if weights[0] == 0 and gap > 0 else None,
+        "below_experts_hull": hull_shortfall(sweep_costs, qualities, costs, [e["score"] for e in experts],
+                                             c_min, c_max) if c_max > c_min else None,
         "cost_range": [c_min, c_max],
     }
     return {

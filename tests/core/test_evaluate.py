@@ -14,6 +14,7 @@ from torouter.evaluate import (
     default_cost_weights,
     evaluate,
     expert_stats,
+    hull_shortfall,
     plot,
     point_stats,
     print_report,
@@ -94,6 +95,19 @@ def test_aiq_ignores_points_outside_range_except_through_the_hull():
     # a point beyond c_max still tilts the hull inside the range: hull (1,.5)-(5,.9), at 3: .7
     # area on [1, 3] = (.5 + .7) / 2 * 2 = 1.2 -> / 2 = .6
     assert aiq([1, 5], [0.5, 0.9], 1, 3) == pytest.approx(0.6)
+
+
+def test_hull_shortfall_by_hand():
+    experts = ([1, 3], [0.5, 0.9])  # experts' hull: .5 at 1, .7 at 2, .9 at 3
+    # A curve on or above the experts' hull everywhere falls short nowhere.
+    assert hull_shortfall([1, 2, 3], [0.5, 0.8, 0.9], *experts, 1, 3) == 0.0
+    # A point at .6 under the experts' .7 at cost 2 does not count: mixing the curve's own
+    # settings at 1 and 3 reaches the chord, as the experts' hull does.
+    assert hull_shortfall([1, 2, 3], [0.5, 0.6, 0.9], *experts, 1, 3) == 0.0
+    # Topping out at .8: short by .1 at budget 3.
+    assert hull_shortfall([1, 3], [0.5, 0.8], *experts, 1, 3) == pytest.approx(0.1)
+    # Nothing below cost 2: just under 2 it has quality 0 where the experts reach .7.
+    assert hull_shortfall([2, 3], [0.95, 1.0], *experts, 1, 3) == pytest.approx(0.7)
 
 
 def test_aiq_constant_curve():
@@ -250,6 +264,15 @@ def test_report_with_best_single_and_oracle_routers(tiny):
     oracle = evaluate(make_router("oracle").fit(tiny), tiny, cost_weights=[0.0])
     assert oracle["router"]["sweep"][0]["score"] == pytest.approx(0.875)
     assert oracle["metrics"]["gap_closed"] == pytest.approx(1.0)
+
+
+def test_report_below_experts_hull_by_hand(report, tiny):
+    # The router's hull (1, .5) -> (2, .875), flat after, lies above the experts' (1, .5) -> (3, .6875).
+    assert report["metrics"]["below_experts_hull"] == 0.0
+    # Only cost_weight 0, so always the pricey expert: no budget under 3 is met, and just under 3
+    # the experts' hull reaches (almost) .6875: that whole height is the shortfall.
+    best = evaluate(make_router("best-single").fit(tiny), tiny, cost_weights=[0.0])
+    assert best["metrics"]["below_experts_hull"] == pytest.approx(0.6875)
 
 
 def test_unobserved_expert_is_never_picked_nor_counted():
