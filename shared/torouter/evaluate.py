@@ -234,6 +234,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
              f"(score {best['score']:.4f} at ${best['cost']:.3e}/query)"]
     if m["aiq"] is not None:
         lines.append(f"AIQ: router {m['aiq']:.4f}   single experts' hull {m['aiq_experts']:.4f}")
+    if m.get("below_experts_hull") is not None:  # reports saved before this figure existed lack it
+        lines.append(f"most below the single experts' hull at any budget: {m['below_experts_hull']:.4f}")
     lines.append(f"router's best score at <= best-single cost: {_fmt(m['quality_at_best_single_cost'], '.4f')}")
     match = m["cost_to_match_best_single"]
     lines.append("cost to match best-single score: " +

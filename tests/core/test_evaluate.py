@@ -343,6 +343,7 @@ def test_report_is_json_and_renders(report, tmp_path, capsys):
     assert "best single expert: pricey" in text
     assert "AIQ: router 0.7969" in text and "single experts' hull 0.5938" in text
     assert "0.500x its cost" in text
+    assert "most below the single experts' hull at any budget: 0.0000" in text
     assert "66.7%" in text
     names = [row[0] for row in report_rows(report)]
     assert names[:2] == ["cheap", "pricey"]
