@@ -15,9 +15,10 @@ By default (``n_clusters=None``) the number of clusters is chosen at fit time fr
 ``CLUSTER_GRID`` by cross-validation on the training data: the count whose held-out
 prompts, each routed to the expert its cluster rates best, earn the highest mean score.
 Too few clusters merge tasks that want different experts; too many average over
-prompts too few to rank the experts. The best count depends on the data (RouterBench:
-4, RouterDC: 12 with MiniLM), so it is measured rather than fixed; ``fit_info_``
-records the choice and every candidate's held-out score.
+prompts too few to rank the experts. The best count depends on the data and the encoder
+(RouterDC: 12 with MiniLM, 8 with the static encoder; RouterBench: 32 and 4), so it is
+measured rather than fixed; ``fit_info_`` records the choice and every candidate's
+held-out score.
 
 The clusters are the prompt side and each expert's column of ``cluster_scores_`` its
 profile, so an expert can be added (or re-profiled) from a few hundred scored prompts
@@ -61,6 +62,11 @@ def _kmeans(embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.n
 
     kmeans = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(embeddings)
     return kmeans.labels_, kmeans.cluster_centers_.astype(np.float32)
+
+
+def _nearest(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each normalised embedding's nearest centroid in Euclidean distance, as k-means assigns them."""
+    return (2 * embeddings @ centroids.T - (centroids ** 2).sum(axis=1)).argmax(axis=1)
 
 
 def _cluster_table(labels: np.ndarray, k: int, scores: np.ndarray, prior: float) -> np.ndarray:
@@ -109,8 +115,7 @@ def cross_validated_routing(embeddings: np.ndarray, scores: np.ndarray, prior: f
         for k in candidates:
             labels, centroids = _kmeans(embeddings[fit], k, seed)
             table = _cluster_table(labels, k, scores[fit], prior)
-            nearest = (2 * embeddings[held] @ centroids.T - (centroids ** 2).sum(axis=1)).argmax(axis=1)
-            estimate = np.where(observed, table[nearest], -np.inf)
+            estimate = np.where(observed, table[_nearest(embeddings[held], centroids)], -np.inf)
             choice = estimate.argmax(axis=1)
             earned[k] += float(np.nan_to_num(scores[held][np.arange(len(held)), choice])[rows].sum())
     return {k: earned[k] / max(routed, 1) for k in candidates}
@@ -158,8 +163,7 @@ class ClusterRouter(EmbeddingRouter):
 
     def clusters(self, embeddings: np.ndarray) -> np.ndarray:
         """Each prompt's cluster: the nearest centroid in Euclidean distance, as k-means assigned them."""
-        x = _normalise(embeddings)
-        return (2 * x @ self.centroids_.T - (self.centroids_ ** 2).sum(axis=1)).argmax(axis=1)
+        return _nearest(_normalise(embeddings), self.centroids_)
 
     def predict_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         return self.cluster_scores_[self.clusters(embeddings)]
