@@ -14,8 +14,8 @@ cost-quality curve. The summary numbers:
 * the cost at which it first matches the best single expert's quality, as a
   fraction of that expert's cost;
 * the share of the best-single-to-oracle quality gap it closes at ``cost_weight=0``;
-* how far its hull falls below the single experts' hull at the worst budget in
-  ``[c_min, c_max]`` (0 when routing never does worse than picking experts alone).
+* how far its hull falls below the single experts' hull at the worst budget it can
+  meet in ``[c_min, c_max]`` (0 when routing never does worse than picking experts alone).
 """
 
 from __future__ import annotations
@@ -78,21 +78,24 @@ def hull_values(costs, qualities, budgets) -> np.ndarray:
 
 
 def hull_shortfall(costs, qualities, expert_costs, expert_qualities, c_min: float, c_max: float) -> float:
-    """The most a curve's hull falls below the single experts' hull at any budget in ``[c_min, c_max]``.
+    """The most a curve's hull falls below the single experts' hull at any budget it can meet.
 
-    Both hulls are piecewise linear, so the largest gap lies at a vertex of one of them, or
-    just below the curve's cheapest point when that costs more than ``c_min`` (a budget the
-    curve cannot meet counts as quality 0, as in AIQ).
+    Budgets run from the curve's cheapest point (or ``c_min``, if it reaches lower) to
+    ``c_max``. Below its cheapest point a curve has no setting at all, which AIQ counts as
+    quality 0; a router's sweep usually stops a hair above the cheapest expert's own cost
+    (where that expert was not observed it must pick another), so counting those budgets
+    would report the whole height of the hull for every router. Both hulls are piecewise
+    linear, so the largest gap lies at a vertex of one of them.
     """
     xs, _ = upper_hull(costs, qualities)
     ex, _ = upper_hull(expert_costs, expert_qualities)
-    budgets = np.concatenate([[c_min, c_max], xs, ex])
-    budgets = budgets[(budgets >= c_min) & (budgets <= c_max)]
+    low = max(c_min, float(xs[0]))
+    if low > c_max:
+        return 0.0
+    budgets = np.concatenate([[low, c_max], xs, ex])
+    budgets = budgets[(budgets >= low) & (budgets <= c_max)]
     gap = hull_values(expert_costs, expert_qualities, budgets) - hull_values(costs, qualities, budgets)
-    worst = float(gap.max())
-    if c_min < xs[0]:  # the limit from the left of the curve's cheapest point
-        worst = max(worst, float(hull_values(expert_costs, expert_qualities, [min(xs[0], c_max)])[0]))
-    return max(worst, 0.0)
+    return float(max(gap.max(), 0.0))
 
 
 def point_stats(dataset: RoutingDataset, picks: np.ndarray) -> dict[str, Any]:
@@ -235,7 +238,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if m["aiq"] is not None:
         lines.append(f"AIQ: router {m['aiq']:.4f}   single experts' hull {m['aiq_experts']:.4f}")
     if m.get("below_experts_hull") is not None:  # reports saved before this figure existed lack it
-        lines.append(f"most below the single experts' hull at any budget: {m['below_experts_hull']:.4f}")
+        lines.append(f"most below the single experts' hull at any budget it meets: {m['below_experts_hull']:.4f}")
     lines.append(f"router's best score at <= best-single cost: {_fmt(m['quality_at_best_single_cost'], '.4f')}")
     match = m["cost_to_match_best_single"]
     lines.append("cost to match best-single score: " +

@@ -106,8 +106,10 @@ def test_hull_shortfall_by_hand():
     assert hull_shortfall([1, 2, 3], [0.5, 0.6, 0.9], *experts, 1, 3) == 0.0
     # Topping out at .8: short by .1 at budget 3.
     assert hull_shortfall([1, 3], [0.5, 0.8], *experts, 1, 3) == pytest.approx(0.1)
-    # Nothing below cost 2: just under 2 it has quality 0 where the experts reach .7.
-    assert hull_shortfall([2, 3], [0.95, 1.0], *experts, 1, 3) == pytest.approx(0.7)
+    # Budgets it cannot meet (under its cheapest point, 2) are AIQ's business, not this figure's:
+    # from 2 up it is above the experts, and a curve under them from 2 up is short by the gap.
+    assert hull_shortfall([2, 3], [0.95, 1.0], *experts, 1, 3) == 0.0
+    assert hull_shortfall([2, 3], [0.6, 0.85], *experts, 1, 3) == pytest.approx(0.1)
 
 
 def test_aiq_constant_curve():
@@ -269,10 +271,14 @@ def test_report_with_best_single_and_oracle_routers(tiny):
 def test_report_below_experts_hull_by_hand(report, tiny):
     # The router's hull (1, .5) -> (2, .875), flat after, lies above the experts' (1, .5) -> (3, .6875).
     assert report["metrics"]["below_experts_hull"] == 0.0
-    # Only cost_weight 0, so always the pricey expert: no budget under 3 is met, and just under 3
-    # the experts' hull reaches (almost) .6875: that whole height is the shortfall.
+    # Only cost_weight 0, so always the pricey expert: the one budget it meets is 3, where it is
+    # the experts' hull itself.
     best = evaluate(make_router("best-single").fit(tiny), tiny, cost_weights=[0.0])
-    assert best["metrics"]["below_experts_hull"] == pytest.approx(0.6875)
+    assert best["metrics"]["below_experts_hull"] == 0.0
+    # Always the worse expert: p1 pricey .5, p2 cheap 0, p3 cheap .5, p4 pricey .25 -> (cost 2, .3125).
+    # From budget 2 up its hull stays at .3125 while the experts' rises to .6875 at 3.
+    worst = FixedRouter({"p1": [0, 1], "p2": [1, 0], "p3": [1, 0], "p4": [0, 1]}).fit(tiny)
+    assert evaluate(worst, tiny, cost_weights=[0.0])["metrics"]["below_experts_hull"] == pytest.approx(0.375)
 
 
 def test_unobserved_expert_is_never_picked_nor_counted():
@@ -343,7 +349,7 @@ def test_report_is_json_and_renders(report, tmp_path, capsys):
     assert "best single expert: pricey" in text
     assert "AIQ: router 0.7969" in text and "single experts' hull 0.5938" in text
     assert "0.500x its cost" in text
-    assert "most below the single experts' hull at any budget: 0.0000" in text
+    assert "most below the single experts' hull at any budget it meets: 0.0000" in text
     assert "66.7%" in text
     names = [row[0] for row in report_rows(report)]
     assert names[:2] == ["cheap", "pricey"]
