@@ -15,7 +15,8 @@ cost-quality curve. The summary numbers:
   fraction of that expert's cost;
 * the share of the best-single-to-oracle quality gap it closes at ``cost_weight=0``;
 * how far its hull falls below the single experts' hull at the worst budget it can
-  meet in ``[c_min, c_max]`` (0 when routing never does worse than picking experts alone).
+  meet, on the prompts every expert answered (0 when routing never does worse than
+  picking experts alone).
 """
 
 from __future__ import annotations
@@ -98,6 +99,29 @@ def hull_shortfall(costs, qualities, expert_costs, expert_qualities, c_min: floa
     return float(max(gap.max(), 0.0))
 
 
+def below_experts_hull(dataset: RoutingDataset, sweep_picks: list[np.ndarray]) -> float | None:
+    """``hull_shortfall`` of a router's sweep, on the prompts that every expert answered.
+
+    A single expert is scored only where it was observed, while a router answers every
+    prompt (another expert where one is missing), so over the whole set the router's
+    cheapest policy costs more than the cheapest expert alone and seems to fall short
+    where the experts' hull climbs steeply. On the prompts all experts answered, both are
+    scored alike. ``None`` where no prompt was answered by every expert, or all cost alike.
+    """
+    rows = np.flatnonzero(dataset.mask.all(axis=1))
+    if not len(rows):
+        return None
+    costs, scores = dataset.costs[rows], dataset.scores[rows]
+    expert_costs, expert_scores = costs.mean(axis=0), scores.mean(axis=0)
+    c_min, c_max = float(expert_costs.min()), float(expert_costs.max())
+    if not c_max > c_min:
+        return None
+    at = np.arange(len(rows))
+    router_costs = [float(costs[at, picks[rows]].mean()) for picks in sweep_picks]
+    router_scores = [float(scores[at, picks[rows]].mean()) for picks in sweep_picks]
+    return hull_shortfall(router_costs, router_scores, expert_costs, expert_scores, c_min, c_max)
+
+
 def point_stats(dataset: RoutingDataset, picks: np.ndarray) -> dict[str, Any]:
     """Mean score, cost and, where recorded, NLL, latency and throughput of one pick per record."""
     rows = np.arange(len(dataset))
@@ -154,10 +178,11 @@ def evaluate(router: Router, dataset: RoutingDataset, cost_weights: list[float] 
     weights = cost_weights if cost_weights is not None else default_cost_weights(expected)
     if quality is None:
         quality = router.predict(data.texts())
-    sweep = []
+    sweep, sweep_picks = [], []
     for w in weights:
         picks = choose(quality, expected, w, allowed=data.mask)
         sweep.append({"cost_weight": float(w), **point_stats(data, picks)})
+        sweep_picks.append(picks)
 
     experts = expert_stats(data)
     costs = [e["cost"] for e in experts]
@@ -180,8 +205,7 @@ def evaluate(router: Router, dataset: RoutingDataset, cost_weights: list[float] 
         "quality_at_best_single_cost": max(within) if within else None,
         "cost_to_match_best_single": (min(matching) / best["cost"]) if matching and best["cost"] > 0 else None,
         "gap_closed": (sweep[0]["score"] - best["score"]) / gap if weights[0] == 0 and gap > 0 else None,
-        "below_experts_hull": hull_shortfall(sweep_costs, qualities, costs, [e["score"] for e in experts],
-                                             c_min, c_max) if c_max > c_min else None,
+        "below_experts_hull": below_experts_hull(data, sweep_picks),
         "cost_range": [c_min, c_max],
     }
     return {

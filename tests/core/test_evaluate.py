@@ -281,6 +281,31 @@ def test_report_below_experts_hull_by_hand(report, tiny):
     assert evaluate(worst, tiny, cost_weights=[0.0])["metrics"]["below_experts_hull"] == pytest.approx(0.375)
 
 
+def test_below_experts_hull_compares_on_the_prompts_every_expert_answered():
+    # cheap is missing on p4, so the oracle's cheapest policy must pay for pricey there: over all
+    # four prompts that point is (1.5, .4375), under the experts' hull (cheap alone: cost 1, .5 over
+    # its 3 prompts; pricey: 3, .6875), which reaches .5469 at 1.5. On p1-p3, which both answered,
+    # the same policy is the cheap expert's own point, and the oracle is never under the hull.
+    records = [_record(k, *v) for k, v in SCORES.items() if k != "p4"]
+    records.append(Record("p4", "p4", {"pricey": {"score": 0.25, "cost": 3.0}}))
+    data = RoutingDataset(records)
+    report = evaluate(make_router("oracle").fit(data), data)
+    cheapest = min(report["router"]["sweep"], key=lambda point: point["cost"])
+    assert cheapest["cost"] == pytest.approx(1.5) and cheapest["score"] == pytest.approx(0.4375)
+    whole_set = hull_shortfall([p["cost"] for p in report["router"]["sweep"]],
+                               [p["score"] for p in report["router"]["sweep"]],
+                               [e["cost"] for e in report["experts"]], [e["score"] for e in report["experts"]],
+                               1.0, 3.0)
+    assert whole_set == pytest.approx(0.5 + 0.1875 * 0.25 - 0.4375)
+    assert report["metrics"]["below_experts_hull"] == 0.0
+    # No prompt answered by every expert: nothing to compare on.
+    sparse = RoutingDataset([Record("a", "a", {"cheap": {"score": 1.0, "cost": 1.0}}),
+                             Record("b", "b", {"pricey": {"score": 1.0, "cost": 3.0}})])
+    report = evaluate(FixedRouter({"a": [1.0, 0.0], "b": [0.0, 1.0]}).fit(sparse), sparse, cost_weights=[0.0])
+    assert report["metrics"]["below_experts_hull"] is None
+    assert not any("experts' hull at any budget" in line for line in summary_lines(report))
+
+
 def test_unobserved_expert_is_never_picked_nor_counted():
     # pricey is unobserved on p2: the router wants it there but must fall back to cheap
     data = RoutingDataset([_record("p1", 1.0, 0.5), _record("p2", 0.0, None),
