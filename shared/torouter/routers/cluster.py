@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import RoutingDataset
+from ..data import RoutingDataset, _masked_mean
 from ..encoders import DEFAULT_BACKEND, DEFAULT_ENCODER
 from .base import EmbeddingRouter
 
@@ -71,22 +71,16 @@ def _nearest(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def _cluster_table(labels: np.ndarray, k: int, scores: np.ndarray, prior: float) -> np.ndarray:
     """Each expert's mean observed score per cluster, shrunk toward its overall mean by ``prior``
-    pseudo-observations (``scores`` holds NaN where an expert was not observed)."""
-    observed_all = ~np.isnan(scores)
-    values = np.nan_to_num(scores)
-    counts = observed_all.sum(axis=0)
-    # NaN for an expert never observed at all, as ``RoutingDataset.mean_scores`` gives.
-    overall = np.where(counts > 0, values.sum(axis=0) / np.maximum(counts, 1), np.nan)
-    table = np.empty((k, scores.shape[1]))
-    for c in range(k):
-        members = labels == c
-        observed = observed_all[members].sum(axis=0)
-        total = values[members].sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            table[c] = (total + prior * overall) / (observed + prior)
-        # An expert never observed in a cluster (and prior=0) falls back to its overall mean.
-        table[c] = np.where(np.isfinite(table[c]), table[c], overall)
-    return table
+    pseudo-observations (``scores`` holds NaN where an expert was not observed); a cluster where
+    an expert was never observed (and ``prior`` 0) takes its overall mean, NaN if it was never
+    observed at all, as ``RoutingDataset.mean_scores`` gives."""
+    from .profiles import shrunk_group_means
+
+    observed = ~np.isnan(scores)
+    overall = _masked_mean(scores, observed)
+    return np.column_stack([
+        shrunk_group_means(labels[observed[:, j]], scores[observed[:, j], j], k, prior, np.full(k, overall[j]))
+        for j in range(scores.shape[1])])
 
 
 def cross_validated_routing(embeddings: np.ndarray, scores: np.ndarray, prior: float, grid=CLUSTER_GRID,
